@@ -1,0 +1,257 @@
+"""The controller: one run from a validated profile to `summary.json` and an exit code.
+
+It starts the profile's targets (embedded ones in their own supervised processes; external ones
+checked), creates the run in the store, starts the collector and the supervisor, drives the
+supervisor once a second until the duration ends, every group finishes, a signal arrives or an
+abort threshold fails, then stops gracefully and writes the summary recomputed from the database.
+
+Signal handlers only enqueue; the main loop decides (first Ctrl-C: graceful stop; second: now).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import secrets as pysecrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.collector import Collector
+from harness.errors import EXIT_ABORTED, EXIT_PASSED, EXIT_THRESHOLDS_FAILED, TargetError
+from harness.profile import LoadedProfile
+from harness.report import summarize, write_summary
+from harness.store import Run, Store
+from harness.supervisor import Supervisor
+from harness.targets import get_target
+from harness.targets.runner import EmbeddedTarget, check_url
+from harness.thresholds import evaluate_all
+
+log = logging.getLogger(__name__)
+
+ABORT_CHECK_EVERY = 5.0
+"""Seconds between evaluations of abort-on-fail thresholds during a run."""
+
+
+@dataclass
+class RunOptions:
+    """How to run a profile (from the CLI or the panel)."""
+
+    db_path: Path
+    report_dir: Path | None = None
+    view_mode: str = "quiet"
+    """live | lines | quiet — the terminal view."""
+    log_level: int = logging.INFO
+    listeners: list[Any] = field(default_factory=list)
+    """Extra callables that receive each live tick."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_id: str
+    status: str
+    exit_code: int
+    summary: dict[str, Any]
+    report_dir: Path
+
+
+class SecretFilter(logging.Filter):
+    """Replaces secret values in log messages with `***`."""
+
+    def __init__(self, secrets: set[str]) -> None:
+        super().__init__()
+        self.secrets = sorted(secrets, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            redacted = redact(message, self.secrets)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
+def redact(text: str, secrets: list[str] | set[str]) -> str:
+    """`text` with every secret replaced by `***`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class _RunLogHandler(logging.Handler):
+    """Keeps the run's warnings and errors in the store (through the collector)."""
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__(logging.WARNING)
+        self.collector = collector
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.collector.log_record(
+                {"t": record.created, "level": record.levelname, "source": record.name, "message": record.getMessage()}
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: `20261122-193205-a1b2`."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + pysecrets.token_hex(2)
+
+
+def start_targets(loaded: LoadedProfile) -> tuple[dict[str, str], list[EmbeddedTarget]]:
+    """Start embedded targets and check external ones; TargetError names the one that failed."""
+    urls: dict[str, str] = {}
+    started: list[EmbeddedTarget] = []
+    try:
+        for name, ref in loaded.profile.targets.items():
+            if ref.embedded:
+                kind = ref.kind or name
+                target = EmbeddedTarget(name, kind, ref.config(), port=ref.port)
+                urls[name] = target.start(timeout=ref.start_timeout)
+                started.append(target)
+                log.info("target %s (%s) ready at %s", name, kind, urls[name])
+            else:
+                assert ref.url is not None
+                url = ref.url.rstrip("/")
+                check_url(name, url, ref.health, ref.start_timeout)
+                urls[name] = url
+    except BaseException:
+        for target in started:
+            target.stop()
+        raise
+    return urls, started
+
+
+def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
+    """Run a profile to the end; returns the result with its exit code."""
+    from harness.console import LiveView, print_summary
+
+    profile = loaded.profile
+    store = Store(options.db_path)
+    for run_id in store.recover_aborted():
+        log.warning("run %s was left running by a controller that died: marked aborted", run_id)
+    secret_filter = SecretFilter(loaded.secrets)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(secret_filter)
+
+    targets, embedded = start_targets(loaded)
+    # a kind name check for embedded targets happened in start_targets; keep the list for the panel
+    _ = [get_target(ref.kind or name) for name, ref in profile.targets.items() if ref.embedded]
+
+    run_id = new_run_id()
+    report_dir = options.report_dir or Path("harness-data") / "runs" / run_id
+    report_dir.mkdir(parents=True, exist_ok=True)
+    started_at = time.time()
+    store.create_run(
+        Run(
+            id=run_id,
+            profile=profile.name,
+            source=loaded.source,
+            description=profile.description,
+            started_at=started_at,
+            duration_s=profile.duration,
+            controller_pid=os.getpid(),
+            host=socket.gethostname(),
+            profile_json=json.dumps(loaded.raw, default=str),
+        )
+    )
+    collector = Collector(store, run_id, started_at, profile.duration)
+    run_handler = _RunLogHandler(collector)
+    run_handler.addFilter(secret_filter)
+    root.addHandler(run_handler)
+    supervisor = Supervisor(run_id, loaded, targets, collector, store, str(report_dir), options.log_level)
+    view = LiveView(run_id, profile.name, profile.duration, options.view_mode)  # type: ignore[arg-type]
+    collector.listeners.append(view.update)
+    collector.listeners.extend(options.listeners)
+
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.put(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    status, reason = "running", ""
+    thresholds = profile.parsed_thresholds()
+    abort_thresholds = [t for t in thresholds if t.abort]
+    try:
+        collector.event("run_started", None, t=started_at, profile=profile.name, duration_s=profile.duration,
+                        targets=targets)
+        collector.start()
+        supervisor.start()
+        view.start()
+        next_abort_check = started_at + ABORT_CHECK_EVERY
+        while True:
+            now = time.time()
+            supervisor.tick(now)
+            if supervisor.fatal:
+                status, reason = "aborted", supervisor.fatal
+                log.error("%s", supervisor.fatal)
+                break
+            for target in embedded:
+                if target.ensure_running():
+                    collector.event("target_restarted", None, target=target.name, url=target.url)
+                    log.warning("embedded target %s died and was restarted", target.name)
+            if now - started_at >= profile.duration:
+                reason = "duration reached"
+                break
+            if supervisor.all_finished:
+                reason = "every group finished"
+                break
+            if abort_thresholds and now >= next_abort_check:
+                next_abort_check = now + ABORT_CHECK_EVERY
+                current = summarize(store, store.get_run(run_id) or Run(id=run_id, profile="", started_at=started_at))
+                failed = [r for r in evaluate_all(abort_thresholds, current) if not r["ok"] and r["value"] is not None]
+                if failed:
+                    status, reason = "failed", f"threshold failed: {failed[0]['expr']} (value {failed[0]['value']})"
+                    collector.event("threshold_aborted", None, expr=failed[0]["expr"], value=failed[0]["value"])
+                    log.error("aborting: %s", reason)
+                    break
+            try:
+                signum = signals.get(timeout=max(0.05, 1.0 - (time.time() % 1.0)))
+            except queue.Empty:
+                continue
+            status, reason = "aborted", f"stopped by {signal.Signals(signum).name}"
+            log.warning("%s: stopping (grace %.0fs; press Ctrl-C again to stop at once)", reason, profile.stop_grace)
+            break
+        collector.event("stopping", None, reason=reason)
+        immediate = False
+        if status == "aborted" and not signals.empty():
+            immediate = True
+        supervisor.stop(profile.stop_grace, immediate=immediate, hurry=lambda: not signals.empty())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        ended_at = time.time()
+        collector.event("run_stopped", None, t=ended_at, reason=reason, users_max=supervisor.users_max())
+        collector.stop()
+        view.stop()
+        root.removeHandler(run_handler)
+        for target in embedded:
+            target.stop()
+
+    run_row = store.get_run(run_id)
+    assert run_row is not None
+    run_row.ended_at = ended_at
+    summary = summarize(store, run_row)
+    results = evaluate_all(thresholds, summary)
+    if status == "running":
+        status = "passed" if all(r["ok"] for r in results) else "failed"
+    exit_code = {"passed": EXIT_PASSED, "failed": EXIT_THRESHOLDS_FAILED}.get(status, EXIT_ABORTED)
+    summary.update(status=status, thresholds=results, reason=reason, report_dir=str(report_dir),
+                   exit_code=exit_code)
+    write_summary(summary, report_dir)
+    store.update_run(run_id, status=status, ended_at=ended_at, exit_code=exit_code, reason=reason,
+                     summary_json=json.dumps(summary, default=str))
+    store.close()
+    print_summary(summary) if options.view_mode != "none" else None
+    return RunResult(run_id, status, exit_code, summary, report_dir)
+
+
+__all__ = ["RunOptions", "RunResult", "TargetError", "run", "start_targets"]

@@ -1,0 +1,382 @@
+"""Profiles: the YAML that describes a run, validated before anything starts.
+
+Loading goes: find the file (a path, or a built-in name from `harness/profiles/`) → parse YAML →
+apply `--set a.b=c` overrides → substitute `${VAR}` / `${VAR:-default}` from the environment and
+`.env` → validate with pydantic → validate each group's `options` with its simulator's model.
+Any failure is a `ProfileError` naming the file, the field path and what was expected.
+
+Values that came from `${VAR}` are secrets: `LoadedProfile.raw` keeps the placeholders (that is
+what the database stores) and `LoadedProfile.secrets` feeds the log redaction filter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.distributions import Constant, Exponential, LogNormal, Uniform, coerce_distribution
+from harness.durations import Duration
+from harness.errors import ProfileError, UsageError
+from harness.shapes import ConstantShape, Shape, StepsShape
+from harness.thresholds import Threshold, parse_threshold
+
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+
+
+class Pacing(BaseModel):
+    """Constant pacing: start an iteration every `interval`, whatever it took (Locust constant_pacing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["pacing"]
+    interval: Duration = Field(gt=0)
+
+
+ThinkTime = Constant | Uniform | Exponential | LogNormal | Pacing
+
+
+class TargetRef(BaseModel):
+    """A system under test: an external `url`, or an `embedded` reference target started by harness."""
+
+    model_config = ConfigDict(extra="allow")
+    url: str | None = None
+    """Base URL of an external target (e.g. http://127.0.0.1:8080)."""
+    embedded: bool = False
+    """Start an embedded reference target (see `harness target --help`)."""
+    kind: str | None = None
+    """Which embedded target to start; defaults to the target's name."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port for an embedded target; 0 picks a free one."""
+    health: str | None = None
+    """A path that answers 2xx once the target is ready; checked before the run starts."""
+    start_timeout: Duration = 20.0
+    """How long to wait for the target's health check."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TargetRef:
+        if self.embedded and self.url:
+            raise ValueError("give either 'url' or 'embedded: true', not both")
+        if not self.embedded and not self.url:
+            raise ValueError("give 'url' (an external target) or 'embedded: true'")
+        if self.url and not re.match(r"^[a-z][a-z0-9+.-]*://", self.url):
+            raise ValueError(f"url must start with a scheme such as http://, got {self.url!r}")
+        return self
+
+    def config(self) -> dict[str, Any]:
+        """The embedded target's own settings (every field not defined above)."""
+        return dict(self.model_extra or {})
+
+
+class Group(BaseModel):
+    """A set of virtual users running one simulator."""
+
+    model_config = ConfigDict(extra="forbid")
+    simulator: str
+    """Registered simulator name (`harness profiles --simulators`) or `module:Class`."""
+    users: int | None = Field(default=None, ge=0)
+    """Closed model: how many concurrent users, each looping iteration → think time."""
+    arrival_rate: float | None = Field(default=None, ge=0)
+    """Open model: iterations started per second, whether or not the system keeps up."""
+    model: Literal["closed", "open"] | None = None
+    """Which model a shaped group uses when neither users nor arrival_rate is given."""
+    shape: Shape = Field(default_factory=ConstantShape)
+    """How the target changes over time (constant, stages, steps, callable)."""
+    spawn_rate: float | None = Field(default=None, gt=0)
+    """Closed model: users added per second at most (default: at once)."""
+    arrival: Literal["uniform", "poisson"] = "uniform"
+    """Open model: spacing of arrivals."""
+    max_in_flight: int = Field(default=1000, ge=1)
+    """Open model: iterations in flight at most; an arrival beyond this is dropped and counted."""
+    processes: int = Field(default=1, ge=1, le=256)
+    """Worker processes sharing this group's users or rate."""
+    think_time: ThinkTime = Field(default_factory=Constant, discriminator="type")
+    """Closed model: pause after each iteration (constant, uniform, exponential, lognormal, pacing)."""
+    iterations: int | None = Field(default=None, ge=1)
+    """Iterations per user, after which the user stops."""
+    total_iterations: int | None = Field(default=None, ge=1)
+    """Iterations for the whole group, after which the group stops."""
+    start_delay: Duration = 0.0
+    """Seconds after the run start before this group begins."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The simulator's own settings."""
+
+    @field_validator("think_time", mode="before")
+    @classmethod
+    def _think_time(cls, value: Any) -> Any:
+        return coerce_distribution(value)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> Group:
+        if self.users is not None and self.arrival_rate is not None:
+            raise ValueError("give 'users' (closed model) or 'arrival_rate' (open model), not both")
+        if self.users is None and self.arrival_rate is None and isinstance(self.shape, ConstantShape):
+            raise ValueError("give 'users' (closed model), 'arrival_rate' (open model), or a shape")
+        if self.mode == "open" and isinstance(self.shape, StepsShape):
+            raise ValueError("the 'steps' shape adds users: use it with 'users', not 'arrival_rate'")
+        return self
+
+    @property
+    def mode(self) -> Literal["closed", "open"]:
+        """`open` when the group is driven by an arrival rate."""
+        if self.arrival_rate is not None:
+            return "open"
+        if self.users is not None:
+            return "closed"
+        return self.model or "closed"
+
+    @property
+    def base(self) -> float:
+        """The users or rate the constant shape holds (and stages start from)."""
+        return float(self.arrival_rate if self.mode == "open" else (self.users or 0))
+
+
+class ThresholdSpec(BaseModel):
+    """A threshold, optionally aborting the run as soon as it fails."""
+
+    model_config = ConfigDict(extra="forbid")
+    expr: str
+    abort: bool = False
+
+
+class Profile(BaseModel):
+    """A whole run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    duration: Duration = Field(default=60.0, gt=0)
+    """How long the run lasts (shorter if every group finishes first)."""
+    stop_grace: Duration = 10.0
+    """On stop, how long in-flight iterations may take to finish before workers are terminated."""
+    seed: int | None = None
+    """Seed for every random choice (think times, arrivals, simulator choices)."""
+    targets: dict[str, TargetRef] = Field(default_factory=dict)
+    groups: dict[str, Group] = Field(min_length=1)
+    thresholds: list[str | ThresholdSpec] = Field(default_factory=list)
+
+    @field_validator("targets", "groups")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not re.match(_NAME, str(key)):
+                raise ValueError(f"name {key!r} may use only letters, digits, '_', '-' and '.'")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _parse_thresholds(cls, value: list[str | ThresholdSpec]) -> list[str | ThresholdSpec]:
+        for i, item in enumerate(value):
+            expr, abort = (item, False) if isinstance(item, str) else (item.expr, item.abort)
+            try:
+                parse_threshold(expr, abort)
+            except ValueError as exc:
+                raise ValueError(f"[{i}] {exc}") from None
+        return value
+
+    def parsed_thresholds(self) -> list[Threshold]:
+        """The thresholds, parsed."""
+        return [
+            parse_threshold(t, False) if isinstance(t, str) else parse_threshold(t.expr, t.abort)
+            for t in self.thresholds
+        ]
+
+
+@dataclass
+class LoadedProfile:
+    """A validated profile, with where it came from and what must be kept secret."""
+
+    profile: Profile
+    source: str
+    raw: dict[str, Any]
+    """The profile as written (with `${VAR}` placeholders, after --set): safe to store."""
+    secrets: set[str] = field(default_factory=set)
+    """Values substituted from the environment; redacted from logs and reports."""
+    options: dict[str, BaseModel] = field(default_factory=dict)
+    """Each group's validated simulator options."""
+
+
+def builtin_profiles() -> dict[str, Path]:
+    """Built-in profile names and their files."""
+    folder = resources.files("harness") / "profiles"
+    return {
+        Path(str(entry)).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if str(entry).endswith((".yaml", ".yml"))
+    }
+
+
+def find_profile(name_or_path: str) -> Path:
+    """A profile file from a path or a built-in name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtins = builtin_profiles()
+    if name_or_path in builtins:
+        return builtins[name_or_path]
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        raise UsageError(f"profile file not found: {name_or_path}")
+    raise UsageError(
+        f"no profile named {name_or_path!r}: give a YAML file path or one of: {', '.join(sorted(builtins))}"
+    )
+
+
+def load_profile(
+    name_or_path: str,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+    validate_options: bool = True,
+) -> LoadedProfile:
+    """Load, override, substitute and validate a profile; ProfileError/UsageError on bad input."""
+    path = find_profile(name_or_path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read profile {source}: {exc}") from None
+    return load_profile_text(text, source, overrides, environ, path.parent, validate_options)
+
+
+def load_profile_text(
+    text: str,
+    source: str = "<profile>",
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+    base_dir: Path | None = None,
+    validate_options: bool = True,
+) -> LoadedProfile:
+    """Like `load_profile`, from YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(source, None, f"{where}invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(source, None, f"expected a mapping at the top level, got {_kind(data)}")
+    for item in overrides or []:
+        apply_override(data, item, source)
+    env = _environment(environ, base_dir)
+    secrets: set[str] = set()
+    resolved = _substitute(data, env, secrets, source, "")
+    try:
+        profile = Profile.model_validate(resolved)
+    except ValidationError as exc:
+        raise _profile_error(source, exc) from None
+    loaded = LoadedProfile(profile, source, data, {s for s in secrets if len(s) >= 4})
+    if validate_options:
+        from harness.simulator import validate_group_options
+
+        for group_name, group in profile.groups.items():
+            loaded.options[group_name] = validate_group_options(source, group_name, group)
+    return loaded
+
+
+def apply_override(data: dict[str, Any], item: str, source: str = "--set") -> None:
+    """Apply one `dotted.key=value` (value read as YAML) to the raw profile."""
+    key, sep, value_text = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    parts = key.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UsageError(f"--set {item!r}: {where}: no list item {part!r}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise UsageError(f"--set {item!r}: {'.'.join(parts[:depth])} is a {_kind(node)}, not a mapping")
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _environment(environ: dict[str, str] | None, base_dir: Path | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for folder in {Path.cwd(), *([base_dir] if base_dir else [])}:
+        dotenv = folder / ".env"
+        if dotenv.is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    env.update(os.environ if environ is None else environ)
+    return env
+
+
+def _substitute(node: Any, env: dict[str, str], secrets: set[str], source: str, path: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, env, secrets, source, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, env, secrets, source, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                secrets.add(env[name])
+                return env[name]
+            if default is not None:
+                return default
+            raise ProfileError(
+                source, path, f"environment variable {name} is not set (export it or put it in .env)"
+            )
+
+        text = _VAR.sub(replace, node)
+        # A whole-value placeholder may stand for a number or a boolean.
+        if _VAR.fullmatch(node):
+            try:
+                parsed = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return parsed if isinstance(parsed, int | float | bool) else text
+        return text
+    return node
+
+
+def _profile_error(source: str, exc: ValidationError) -> ProfileError:
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"] if not _is_union_tag(p)]
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling; see `harness validate --help`)"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return ProfileError(source, path or None, message + more)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the chosen union member or function name in the location; not a user field.
+    return isinstance(part, str) and (
+        part in {"constant", "uniform", "exponential", "lognormal", "pacing", "stages", "steps", "callable"}
+        or part.startswith(("function-", "tagged-union", "str", "ThresholdSpec"))
+    )
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,240 @@
+"""The simulator API: every extension point a simulator family implements, in one place.
+
+A simulator is a class registered under the entry-point group `harness.simulators` (or named in a
+profile as `package.module:Class`). A worker process creates one instance per worker for its group
+and drives many virtual users through it:
+
+    setup()                 once per worker, before any user (open sessions, load data)
+    start_user(user)        once per virtual user (log in, create a wallet, join a room)
+    iteration(user)         repeatedly: one unit of work; think time follows in the closed model
+    stop_user(user)         when the user is removed (scale down, iterations done, stop)
+    teardown()              once per worker at the end
+
+Everything is asyncio. A simulator whose client blocks (Selenium, some SDKs) calls
+`await self.ctx.run_blocking(fn, *args)`, or subclasses `BlockingSimulator`, whose hooks are plain
+functions run in the worker's thread pool. An exception raised by a hook fails that user's
+iteration (recorded as an error), never the worker; `StopUser` ends one user cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness.errors import MissingExtraError, ProfileError, UsageError
+from harness.metrics import Metrics
+
+if TYPE_CHECKING:
+    from harness.profile import Group
+
+ENTRY_POINT_GROUP = "harness.simulators"
+T = TypeVar("T")
+
+
+class NoOptions(BaseModel):
+    """A simulator without options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StopUser(Exception):
+    """Raised by a simulator to end one virtual user cleanly (not an error)."""
+
+
+class User:
+    """One virtual user. Kept small: a worker may hold 100,000 of them."""
+
+    __slots__ = ("id", "iterations", "data", "_stopping")
+
+    def __init__(self, user_id: int) -> None:
+        self.id = user_id
+        """Unique within the worker."""
+        self.iterations = 0
+        """Iterations this user has started."""
+        self.data: dict[str, Any] | None = None
+        """The simulator's per-user state; create it in `start_user`."""
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        """True once the user has been asked to stop; long iterations should check it."""
+        return self._stopping
+
+
+@dataclass
+class SimulatorContext:
+    """What a simulator gets from its worker."""
+
+    run_id: str
+    group: str
+    worker_index: int
+    """This worker's index within its group (0-based)."""
+    workers: int
+    """How many workers the group has."""
+    options: BaseModel
+    """The group's `options`, validated with the simulator's `Options` model."""
+    targets: dict[str, str]
+    """Resolved base URLs of the profile's targets, by name."""
+    metrics: Metrics
+    log: logging.Logger
+    rng: random.Random
+    """Seeded from the profile's seed, the group and the worker index."""
+    run_dir: Path
+    """A folder for files this run produces (reports, downloads, browser profiles)."""
+    executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def target_url(self, name: str | None = None) -> str:
+        """A target's base URL; without a name, the only target (UsageError if ambiguous)."""
+        if name is not None:
+            if name not in self.targets:
+                raise UsageError(f"group {self.group!r}: no target named {name!r}; have {sorted(self.targets)}")
+            return self.targets[name]
+        if len(self.targets) == 1:
+            return next(iter(self.targets.values()))
+        raise UsageError(f"group {self.group!r}: name the target to use, one of {sorted(self.targets)}")
+
+    async def run_blocking(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call in the worker's thread pool, keeping the metrics context."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await loop.run_in_executor(self.executor, call)
+
+
+class Simulator:
+    """Base class of every simulator family."""
+
+    name: ClassVar[str] = ""
+    """The name profiles use (`simulator: http`)."""
+    description: ClassVar[str] = ""
+    """One line for `harness profiles --simulators`."""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    """The pydantic model of the group's `options`."""
+    extra: ClassVar[str | None] = None
+    """The `pip install 'harness[extra]'` that provides this family's dependencies."""
+    threads: ClassVar[int] = 8
+    """Size of the worker's thread pool for blocking calls."""
+
+    def __init__(self, ctx: SimulatorContext) -> None:
+        self.ctx = ctx
+        self.options: Any = ctx.options
+        self.metrics = ctx.metrics
+        self.log = ctx.log
+
+    async def setup(self) -> None:
+        """Prepare shared state once per worker."""
+
+    async def start_user(self, user: User) -> None:
+        """Prepare one virtual user."""
+
+    async def iteration(self, user: User) -> None:
+        """Do one unit of work for `user`."""
+        raise NotImplementedError(f"{type(self).__name__}.iteration")
+
+    async def stop_user(self, user: User) -> None:
+        """Release one virtual user."""
+
+    async def teardown(self) -> None:
+        """Release shared state once per worker."""
+
+
+class BlockingSimulator(Simulator):
+    """A simulator whose hooks are blocking functions, run in the worker's thread pool."""
+
+    async def setup(self) -> None:
+        await self.ctx.run_blocking(self.setup_blocking)
+
+    async def start_user(self, user: User) -> None:
+        await self.ctx.run_blocking(self.start_user_blocking, user)
+
+    async def iteration(self, user: User) -> None:
+        await self.ctx.run_blocking(self.iteration_blocking, user)
+
+    async def stop_user(self, user: User) -> None:
+        await self.ctx.run_blocking(self.stop_user_blocking, user)
+
+    async def teardown(self) -> None:
+        await self.ctx.run_blocking(self.teardown_blocking)
+
+    def setup_blocking(self) -> None:
+        """Prepare shared state once per worker (in a thread)."""
+
+    def start_user_blocking(self, user: User) -> None:
+        """Prepare one virtual user (in a thread)."""
+
+    def iteration_blocking(self, user: User) -> None:
+        """One unit of work (in a thread)."""
+        raise NotImplementedError(f"{type(self).__name__}.iteration_blocking")
+
+    def stop_user_blocking(self, user: User) -> None:
+        """Release one virtual user (in a thread)."""
+
+    def teardown_blocking(self) -> None:
+        """Release shared state (in a thread)."""
+
+
+def registered_simulators() -> dict[str, str]:
+    """Simulator names registered through entry points, with their `module:attr`."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_simulator(name: str) -> type[Simulator]:
+    """The simulator class for a registered name or a `module:Class` reference.
+
+    UsageError if unknown; MissingExtraError if its optional dependencies are not installed.
+    """
+    registered = registered_simulators()
+    spec = registered.get(name) or (name if ":" in name else None)
+    if spec is None:
+        raise UsageError(f"unknown simulator {name!r}; registered: {', '.join(sorted(registered)) or 'none'}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = __import__(module_name, fromlist=[attr])
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing and not module_name.startswith(missing) and missing not in ("simulators", "harness"):
+            raise MissingExtraError(name, missing, name) from None
+        raise UsageError(f"simulator {name!r}: cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Simulator)):
+        raise UsageError(f"simulator {name!r}: {spec} is not a harness.simulator.Simulator subclass")
+    return cls
+
+
+def validate_group_options(source: str, group_name: str, group: Group) -> BaseModel:
+    """Validate a group's `options` with its simulator's model; ProfileError names the field."""
+    try:
+        cls = load_simulator(group.simulator)
+    except UsageError as exc:
+        if isinstance(exc, MissingExtraError):
+            raise
+        raise ProfileError(source, f"groups.{group_name}.simulator", str(exc)) from None
+    try:
+        return cls.Options.model_validate(group.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown option (check the spelling)"
+        elif err["type"] == "missing":
+            message = "required option is missing"
+        field_path = f"groups.{group_name}.options" + (f".{path}" if path else "")
+        return _raise(ProfileError(source, field_path, message))
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+SimulatorFactory = Callable[[SimulatorContext], Simulator]

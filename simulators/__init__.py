@@ -1,0 +1,1 @@
+"""Simulator families. Each subpackage registers under the entry-point group `harness.simulators`."""

@@ -33,23 +33,55 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="controller and worker log level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="controller and worker log level (default INFO)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    start = sub.add_parser("start", help="run a profile", description="Run a profile until its duration ends.",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    start.add_argument("--profile", "-p", required=True, metavar="NAME_OR_PATH",
-                       help="a built-in profile name (see `harness profiles`) or a YAML file")
-    start.add_argument("--headless", action="store_true",
-                       help="no web panel: live view in the terminal (the panel is not built yet, so always)")
-    start.add_argument("--duration", "-d", metavar="DURATION", help="override the profile's duration (30s, 2m, 1h)")
-    start.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a profile field, e.g. --set groups.browse.users=20 (repeatable)")
+    start = sub.add_parser(
+        "start",
+        help="run a profile",
+        description="Run a profile until its duration ends.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    start.add_argument(
+        "--profile",
+        "-p",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="a built-in profile name (see `harness profiles`) or a YAML file",
+    )
+    start.add_argument(
+        "--headless",
+        action="store_true",
+        help="no web panel: live view in the terminal (the panel is not built yet, so always)",
+    )
+    start.add_argument(
+        "--duration", "-d", metavar="DURATION", help="override the profile's duration (30s, 2m, 1h)"
+    )
+    start.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile field, e.g. --set groups.browse.users=20 (repeatable)",
+    )
     _db_arg(start)
-    start.add_argument("--report-dir", type=Path, metavar="DIR",
-                       help="where summary.json goes (default ./harness-data/runs/<run_id>/)")
-    start.add_argument("--quiet", "-q", action="store_true", help="no live view: only the final summary (CI logs)")
+    start.add_argument(
+        "--report-dir",
+        type=Path,
+        metavar="DIR",
+        help="where summary.json goes (default ./harness-data/runs/<run_id>/)",
+    )
+    start.add_argument(
+        "--quiet", "-q", action="store_true", help="no live view: only the final summary (CI logs)"
+    )
 
     profiles = sub.add_parser("profiles", help="list built-in profiles, simulators and targets")
     profiles.add_argument("--json", action="store_true", help="machine-readable output")
@@ -68,25 +100,54 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(show)
     show.add_argument("--json", action="store_true", help="print summary JSON")
 
-    target = sub.add_parser("target", help="run an embedded reference target on its own",
-                            description="Run an embedded reference target in the foreground until Ctrl-C.")
+    target = sub.add_parser(
+        "target",
+        help="run an embedded reference target on its own",
+        description="Run an embedded reference target in the foreground until Ctrl-C.",
+    )
     target.add_argument("name", help="target kind, e.g. echo")
     target.add_argument("--port", type=int, default=8080)
     target.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    target.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a service-model setting, e.g. --set concurrency=4 --set service_time=20ms")
+    target.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a service-model setting, e.g. --set concurrency=4 --set service_time=20ms",
+    )
     return parser
 
 
 def _db_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=Path, metavar="PATH",
-                        help="SQLite database (default $HARNESS_DB, else ./harness-data/harness.db)")
+    parser.add_argument(
+        "--db",
+        type=Path,
+        metavar="PATH",
+        help="SQLite database (default $HARNESS_DB, else ./harness-data/harness.db)",
+    )
 
 
 def _setup_logging(level: str) -> None:
+    import os
+
+    import rich
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False, log_time_format="%H:%M:%S")
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        rich.reconfigure(width=120)  # CI logs: wide enough for the summary tables
+    width = None if sys.stderr.isatty() or "COLUMNS" in os.environ else 120
+
+    from rich.console import Console
+
+    handler = RichHandler(
+        console=Console(stderr=True, width=width),
+        show_path=False,
+        rich_tracebacks=False,
+        markup=False,
+        log_time_format="%H:%M:%S",
+    )
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("aiohttp.access", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -182,7 +243,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     groups = ", ".join(
         f"{name} ({g.simulator}, {g.mode}, {g.processes} proc)" for name, g in profile.groups.items()
     )
-    print(f"{loaded.source}: ok — profile {profile.name!r}, {format_duration(profile.duration)}, groups: {groups}")
+    print(
+        f"{loaded.source}: ok — profile {profile.name!r}, {format_duration(profile.duration)}, "
+        f"groups: {groups}"
+    )
     return 0
 
 
@@ -194,6 +258,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not Path(path).exists():
         raise UsageError(f"no database at {path}: run `harness start` first or pass --db")
     store = Store(path)
+    store.recover_aborted()
     rows = store.list_runs(args.limit)
     store.close()
     if args.json:
@@ -208,8 +273,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         totals = summary.get("totals", {})
         ended = r.ended_at or time.time()
         table.add_row(
-            r.id, r.profile, r.status, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)),
-            format_duration(ended - r.started_at), str(totals.get("requests", "")),
+            r.id,
+            r.profile,
+            r.status,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)),
+            format_duration(ended - r.started_at),
+            str(totals.get("requests", "")),
             f"{totals['p95_ms']:.1f}" if "p95_ms" in totals else "",
             f"{totals['error_rate'] * 100:.2f}%" if "error_rate" in totals else "",
         )

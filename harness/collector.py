@@ -189,7 +189,13 @@ class Collector:
                 ekey = (group, w["name"], message)
                 entry = errors.get(ekey)
                 if entry is None:
-                    errors[ekey] = {"group": group, "name": w["name"], "message": message, "count": count, "t": w["t"]}
+                    errors[ekey] = {
+                        "group": group,
+                        "name": w["name"],
+                        "message": message,
+                        "count": count,
+                        "t": w["t"],
+                    }
                     self._recent_errors.append(errors[ekey])
                 else:
                     entry["count"] += count
@@ -201,7 +207,13 @@ class Collector:
             elif mkey in metrics and m["type"] == "gauge":
                 metrics[mkey]["value"] += m["value"]  # gauges of one group add up across its workers
             else:
-                metrics[mkey] = {"t": m["t"], "group": group, "name": m["name"], "type": m["type"], "value": m["value"]}
+                metrics[mkey] = {
+                    "t": m["t"],
+                    "group": group,
+                    "name": m["name"],
+                    "type": m["type"],
+                    "value": m["value"],
+                }
         for d in batch.get("datapoints", []):
             datapoints.append({"group": group, **d})
         for e in batch.get("events", []):
@@ -260,7 +272,9 @@ class Collector:
             g = groups.setdefault(name, {"rps": 0.0, "errors_per_s": 0.0, "requests": 0, "failures": 0})
             g.update(info)
         for name, g in groups.items():
-            g["users"] = sum(h.get("users", 0) for k, h in self._health.items() if k.rsplit("#", 1)[0] == name)
+            g["users"] = sum(
+                h.get("users", 0) for k, h in self._health.items() if k.rsplit("#", 1)[0] == name
+            )
         workers = list(self._health.values())
         total_requests = sum(g["requests"] for g in groups.values())
         total_failures = sum(g["failures"] for g in groups.values())

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, Literal
 
-from rich import box
-from rich.console import Console, Group, RenderableType, get_console
+from rich import box, get_console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -61,6 +61,8 @@ SATURATED = "load generator saturated: results may be tainted"
 """The warning shown when the harness itself is over its limits."""
 
 _DASH = "-"
+_BOX = box.Box("    \n    \n ── \n    \n ── \n    \n    \n    \n")
+"""Like `box.SIMPLE_HEAD`, with a rule under the head and above a table's last section (the totals)."""
 
 
 # -- format helpers ----------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def saturation(health: Mapping[str, Any] | None) -> str | None:
 
 
 def choose_mode(quiet: bool, console: Console | None = None) -> Mode:
-    """"quiet" when asked, "live" on a (non-dumb) terminal, else "lines"."""
+    """ "quiet" when asked, "live" on a (non-dumb) terminal, else "lines"."""
     if quiet:
         return "quiet"
     console = console if console is not None else get_console()
@@ -279,6 +281,8 @@ class LiveView:
             live, self._live = self._live, None
             if live is not None:
                 live.stop()
+                if not self.console.is_terminal:
+                    self.console.line()  # the final render of a non-terminal ends without one
             self._restore_logging()
 
     def __enter__(self) -> LiveView:
@@ -313,12 +317,14 @@ class LiveView:
         totals = tick.get("totals") or {}
         health = tick.get("health") or {}
         p95 = _worst_p95(tick.get("endpoints") or [])
+        cpu = _num(health.get("cpu_max")) or 0.0
+        lag = _num(health.get("loop_lag_max_ms")) or 0.0
         parts = [
             f"{clock} users {users}",
             f"{fmt_rps(totals.get('rps', 0.0))} rps",
             f"p95 {fmt_ms(p95)} ms",
             f"err {fmt_pct(totals.get('error_rate', 0.0))}",
-            f"cpu {_num(health.get('cpu_max')) or 0.0:.0f}% lag {_num(health.get('loop_lag_max_ms')) or 0.0:.0f} ms",
+            f"cpu {cpu:.0f}% lag {lag:.0f} ms",
         ]
         dropped = int(_num(health.get("dropped")) or 0)
         if dropped:
@@ -353,7 +359,9 @@ class LiveView:
         grid.add_column(no_wrap=True)
         grid.add_column(no_wrap=True)
         grid.add_column(no_wrap=True)
-        title = Text.assemble(("run ", "dim"), (self.run_id, "bold"), ("  profile ", "dim"), (self.profile, "bold"))
+        title = Text.assemble(
+            ("run ", "dim"), (self.run_id, "bold"), ("  profile ", "dim"), (self.profile, "bold")
+        )
         if duration > 0:
             bar = ProgressBar(total=duration, completed=min(elapsed, duration), width=30)
             left = max(0.0, duration - elapsed)
@@ -388,7 +396,10 @@ class LiveView:
                 str(mode),
                 load,
                 fmt_rps(g.get("rps", 0.0)),
-                Text(fmt_rps(g.get("errors_per_s", 0.0)), style="red" if (_num(g.get("errors_per_s")) or 0) else ""),
+                Text(
+                    fmt_rps(g.get("errors_per_s", 0.0)),
+                    style="red" if (_num(g.get("errors_per_s")) or 0) else "",
+                ),
                 fmt_count(g.get("requests", 0)),
                 Text(str(failures), style="red" if failures else ""),
                 Text(state, style={"running": "green", "waiting": "yellow", "done": "dim"}.get(state, "")),
@@ -439,7 +450,7 @@ class LiveView:
             where = "/".join(str(x) for x in (e.get("group"), e.get("name")) if x)
             line = Text.assemble(
                 ("  ", ""),
-                (f"{fmt_count(e.get('count', 1))}x ", "red"),
+                (f"{fmt_count(e.get('count', 1)):>6}x ", "red"),
                 (f"{where}: " if where else "", "dim"),
                 message,
             )
@@ -484,17 +495,22 @@ def _health_text(health: Mapping[str, Any], live: bool) -> Text:
     parts.append(f"dropped {fmt_count(health.get('dropped', 0))}")
     text = Text("harness: " + " | ".join(parts), style=style or "dim")
     if style:
-        text.append(f"  {SATURATED}", style=f"bold {style}")
+        text.append(f"\n{SATURATED}", style=f"bold {style}")
     return text
 
 
 # -- the final summary ---------------------------------------------------------------------------
+_MARKS = {False: {True: "✓", False: "✗"}, True: {True: "ok", False: "FAIL"}}
+"""Threshold marks by `ascii_only`, then by `ok`."""
 _STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "aborted": "bold yellow"}
 
 
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
     """Print the final tables of a run from its `summary.json` dict."""
     console = console if console is not None else get_console()
+    ascii_only = not console.encoding.startswith("utf")
+    if ascii_only:  # e.g. a CI log in the C locale: no character may fail to encode
+        summary = _encodable(summary, console.encoding)
     run_id = str(summary.get("run_id") or _DASH)
     started, ended = summary.get("started_at"), summary.get("ended_at")
     head = Text.assemble(("run ", "dim"), (run_id, "bold"))
@@ -513,7 +529,7 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     console.print(_summary_endpoints(summary.get("endpoints") or [], summary.get("totals") or {}))
     thresholds = summary.get("thresholds") or []
     if thresholds:
-        console.print(_summary_thresholds(thresholds))
+        console.print(_summary_thresholds(thresholds, ascii_only))
     errors = summary.get("errors") or []
     if errors:
         console.print(_summary_errors(errors))
@@ -547,10 +563,10 @@ def _groups_line(groups: Mapping[str, Mapping[str, Any]]) -> Text:
 
 
 def _summary_endpoints(endpoints: list[Mapping[str, Any]], totals: Mapping[str, Any]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, show_footer=False)
+    table = Table(box=_BOX, pad_edge=False, show_edge=False)
     table.add_column("group", no_wrap=True)
     table.add_column("name", overflow="fold")
-    for header in ("requests", "failures", "err %", "rps", "p50", "p90", "p95", "p99", "max ms"):
+    for header in ("requests", "failures", "err %", "rps", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms"):
         table.add_column(header, justify="right")
     for e in sorted(endpoints, key=lambda e: (str(e.get("group", "")), str(e.get("name", "")))):
         requests = int(_num(e.get("requests")) or 0)
@@ -578,12 +594,29 @@ def _summary_endpoints(endpoints: list[Mapping[str, Any]], totals: Mapping[str, 
         Text(str(failures), style="bold red" if failures else "bold"),
         Text(fmt_pct(rate), style="bold"),
         Text(fmt_rps(totals.get("rps")), style="bold"),
-        *(Text(fmt_ms(totals.get(k)), style="bold") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
+        *(
+            Text(fmt_ms(totals.get(k)), style="bold")
+            for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
+        ),
     )
     return table
 
 
-def _summary_thresholds(thresholds: list[Mapping[str, Any]]) -> Table:
+def _encodable(value: Any, encoding: str) -> Any:
+    """`value` with every string made encodable in `encoding` (unencodable characters become "?")."""
+    if isinstance(value, str):
+        try:
+            return value.encode(encoding, "replace").decode(encoding)
+        except LookupError:
+            return value.encode("ascii", "replace").decode("ascii")
+    if isinstance(value, Mapping):
+        return {k: _encodable(v, encoding) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v, encoding) for v in value]
+    return value
+
+
+def _summary_thresholds(thresholds: list[Mapping[str, Any]], ascii_only: bool = False) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("", no_wrap=True)
     table.add_column("threshold")
@@ -595,7 +628,7 @@ def _summary_thresholds(thresholds: list[Mapping[str, Any]]) -> Table:
         if t.get("abort"):
             expr += " (abort)"
         table.add_row(
-            Text("✓" if ok else "✗", style="bold green" if ok else "bold red"),
+            Text(_MARKS[ascii_only][ok], style="bold green" if ok else "bold red"),
             Text(expr, style="" if ok else "red"),
             "missing" if value is None else f"{value:.4g}",
         )

@@ -96,7 +96,12 @@ class _RunLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.collector.log_record(
-                {"t": record.created, "level": record.levelname, "source": record.name, "message": record.getMessage()}
+                {
+                    "t": record.created,
+                    "level": record.levelname,
+                    "source": record.name,
+                    "message": record.getMessage(),
+                }
             )
         except Exception:
             self.handleError(record)
@@ -175,14 +180,22 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     collector.listeners.extend(options.listeners)
 
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.put(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: signals.put(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     status, reason = "running", ""
     thresholds = profile.parsed_thresholds()
     abort_thresholds = [t for t in thresholds if t.abort]
     try:
-        collector.event("run_started", None, t=started_at, profile=profile.name, duration_s=profile.duration,
-                        targets=targets)
+        collector.event(
+            "run_started",
+            None,
+            t=started_at,
+            profile=profile.name,
+            duration_s=profile.duration,
+            targets=targets,
+        )
         collector.start()
         supervisor.start()
         view.start()
@@ -206,11 +219,22 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
                 break
             if abort_thresholds and now >= next_abort_check:
                 next_abort_check = now + ABORT_CHECK_EVERY
-                current = summarize(store, store.get_run(run_id) or Run(id=run_id, profile="", started_at=started_at))
-                failed = [r for r in evaluate_all(abort_thresholds, current) if not r["ok"] and r["value"] is not None]
+                current = summarize(
+                    store, store.get_run(run_id) or Run(id=run_id, profile="", started_at=started_at)
+                )
+                failed = [
+                    r
+                    for r in evaluate_all(abort_thresholds, current)
+                    if not r["ok"] and r["value"] is not None
+                ]
                 if failed:
-                    status, reason = "failed", f"threshold failed: {failed[0]['expr']} (value {failed[0]['value']})"
-                    collector.event("threshold_aborted", None, expr=failed[0]["expr"], value=failed[0]["value"])
+                    status, reason = (
+                        "failed",
+                        f"threshold failed: {failed[0]['expr']} (value {failed[0]['value']})",
+                    )
+                    collector.event(
+                        "threshold_aborted", None, expr=failed[0]["expr"], value=failed[0]["value"]
+                    )
                     log.error("aborting: %s", reason)
                     break
             try:
@@ -218,7 +242,9 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
             except queue.Empty:
                 continue
             status, reason = "aborted", f"stopped by {signal.Signals(signum).name}"
-            log.warning("%s: stopping (grace %.0fs; press Ctrl-C again to stop at once)", reason, profile.stop_grace)
+            log.warning(
+                "%s: stopping (grace %.0fs; press Ctrl-C again to stop at once)", reason, profile.stop_grace
+            )
             break
         collector.event("stopping", None, reason=reason)
         immediate = False
@@ -226,8 +252,8 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
             immediate = True
         supervisor.stop(profile.stop_grace, immediate=immediate, hurry=lambda: not signals.empty())
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         ended_at = time.time()
         collector.event("run_stopped", None, t=ended_at, reason=reason, users_max=supervisor.users_max())
         collector.stop()
@@ -244,11 +270,18 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     if status == "running":
         status = "passed" if all(r["ok"] for r in results) else "failed"
     exit_code = {"passed": EXIT_PASSED, "failed": EXIT_THRESHOLDS_FAILED}.get(status, EXIT_ABORTED)
-    summary.update(status=status, thresholds=results, reason=reason, report_dir=str(report_dir),
-                   exit_code=exit_code)
+    summary.update(
+        status=status, thresholds=results, reason=reason, report_dir=str(report_dir), exit_code=exit_code
+    )
     write_summary(summary, report_dir)
-    store.update_run(run_id, status=status, ended_at=ended_at, exit_code=exit_code, reason=reason,
-                     summary_json=json.dumps(summary, default=str))
+    store.update_run(
+        run_id,
+        status=status,
+        ended_at=ended_at,
+        exit_code=exit_code,
+        reason=reason,
+        summary_json=json.dumps(summary, default=str),
+    )
     store.close()
     print_summary(summary) if options.view_mode != "none" else None
     return RunResult(run_id, status, exit_code, summary, report_dir)

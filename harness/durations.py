@@ -16,7 +16,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 2m or 250ms")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = float("inf")
     elif isinstance(value, str):
         text = value.strip().lower()
         try:
@@ -39,9 +42,9 @@ def parse_duration(value: Any) -> float:
 
 def format_duration(seconds: float) -> str:
     """A short human form: `950ms`, `42s`, `3m05s`, `1h02m`."""
-    if seconds < 1:
+    if seconds < 0.9995:  # not 1000ms
         return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
+    if seconds < 59.95:  # not 60.0s
         return f"{seconds:.0f}s" if seconds == int(seconds) else f"{seconds:.1f}s"
     minutes, sec = divmod(int(round(seconds)), 60)
     if minutes < 60:

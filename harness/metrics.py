@@ -102,7 +102,7 @@ class _Second:
 class Timer:
     """Times a block or a function and records it as a request; a raised exception marks it failed."""
 
-    __slots__ = ("_metrics", "_name", "_kind", "_start", "ok", "error", "bytes_sent", "bytes_received")
+    __slots__ = ("_kind", "_metrics", "_name", "_start", "bytes_received", "bytes_sent", "error", "ok")
 
     def __init__(self, metrics: Metrics, name: str, kind: str) -> None:
         self._metrics = metrics
@@ -251,7 +251,9 @@ class Metrics:
                         "errors": stat.errors,
                     }
                 )
-            metrics.extend({"t": t, "name": n, "type": "counter", "value": v} for n, v in sec.counters.items())
+            metrics.extend(
+                {"t": t, "name": n, "type": "counter", "value": v} for n, v in sec.counters.items()
+            )
             metrics.extend({"t": t, "name": n, "type": "gauge", "value": v} for n, v in sec.gauges.items())
         datapoints, self._datapoints = self._datapoints, []
         events, self._events = self._events, []
@@ -259,7 +261,7 @@ class Metrics:
 
 
 class _TimerFactory:
-    __slots__ = ("_metrics", "_name", "_kind", "_timer")
+    __slots__ = ("_kind", "_metrics", "_name", "_timer")
 
     def __init__(self, metrics: Metrics, name: str, kind: str) -> None:
         self._metrics, self._name, self._kind = metrics, name, kind

@@ -134,7 +134,8 @@ class Group(BaseModel):
     @property
     def base(self) -> float:
         """The users or rate the constant shape holds (and stages start from)."""
-        return float(self.arrival_rate if self.mode == "open" else (self.users or 0))
+        value = self.arrival_rate if self.mode == "open" else self.users
+        return float(value or 0)
 
 
 class ThresholdSpec(BaseModel):
@@ -252,6 +253,22 @@ def load_profile_text(
     validate_options: bool = True,
 ) -> LoadedProfile:
     """Like `load_profile`, from YAML text."""
+    secrets: set[str] = set()
+    try:
+        return _load_text(text, source, overrides, environ, base_dir, validate_options, secrets)
+    except ProfileError as exc:
+        raise _clean_error(exc, secrets) from None
+
+
+def _load_text(
+    text: str,
+    source: str,
+    overrides: list[str] | None,
+    environ: dict[str, str] | None,
+    base_dir: Path | None,
+    validate_options: bool,
+    secrets: set[str],
+) -> LoadedProfile:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -259,12 +276,14 @@ def load_profile_text(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ProfileError(source, None, f"{where}invalid YAML: {problem}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors fail this way on e.g. `2001-13-01`, `!!int x`, `0x_` or deep nesting.
+        raise ProfileError(source, None, f"invalid YAML: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise ProfileError(source, None, f"expected a mapping at the top level, got {_kind(data)}")
     for item in overrides or []:
         apply_override(data, item, source)
     env = _environment(environ, base_dir)
-    secrets: set[str] = set()
     resolved = _substitute(data, env, secrets, source, "")
     try:
         profile = Profile.model_validate(resolved)
@@ -275,8 +294,22 @@ def load_profile_text(
         from harness.simulator import validate_group_options
 
         for group_name, group in profile.groups.items():
-            loaded.options[group_name] = validate_group_options(source, group_name, group)
+            loaded.options[group_name] = validate_group_options(source, group_name, group, profile)
     return loaded
+
+
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _clean_error(exc: ProfileError, secrets: set[str]) -> ProfileError:
+    """The error on one line (the CLI prints one), with values from the environment redacted."""
+
+    def clean(text: str) -> str:
+        for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
+
+    return ProfileError(exc.source, clean(exc.field) if exc.field else exc.field, clean(exc.message))
 
 
 def apply_override(data: dict[str, Any], item: str, source: str = "--set") -> None:
@@ -286,7 +319,7 @@ def apply_override(data: dict[str, Any], item: str, source: str = "--set") -> No
         raise UsageError(f"--set {item!r}: expected dotted.key=value")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError):
         value = value_text
     parts = key.strip().split(".")
     node: Any = data
@@ -324,7 +357,10 @@ def _environment(environ: dict[str, str] | None, base_dir: Path | None) -> dict[
 
 def _substitute(node: Any, env: dict[str, str], secrets: set[str], source: str, path: str) -> Any:
     if isinstance(node, dict):
-        return {k: _substitute(v, env, secrets, source, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        return {
+            k: _substitute(v, env, secrets, source, f"{path}.{k}" if path else str(k))
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_substitute(v, env, secrets, source, f"{path}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
@@ -345,7 +381,7 @@ def _substitute(node: Any, env: dict[str, str], secrets: set[str], source: str, 
         if _VAR.fullmatch(node):
             try:
                 parsed = yaml.safe_load(text)
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError):
                 return text
             return parsed if isinstance(parsed, int | float | bool) else text
         return text
@@ -353,12 +389,14 @@ def _substitute(node: Any, env: dict[str, str], secrets: set[str], source: str, 
 
 
 def _profile_error(source: str, exc: ValidationError) -> ProfileError:
-    errors = exc.errors()
+    errors = _relevant_errors(exc.errors())
     first = errors[0]
-    loc = [str(p) for p in first["loc"] if not _is_union_tag(p)]
+    loc = first["loc"]
     path = ""
-    for part in loc:
-        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    for i, part in enumerate(loc):
+        if _is_union_tag(loc, i):
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "required field is missing"
@@ -368,12 +406,44 @@ def _profile_error(source: str, exc: ValidationError) -> ProfileError:
     return ProfileError(source, path or None, message + more)
 
 
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the chosen union member or function name in the location; not a user field.
-    return isinstance(part, str) and (
-        part in {"constant", "uniform", "exponential", "lognormal", "pacing", "stages", "steps", "callable"}
-        or part.startswith(("function-", "tagged-union", "str", "ThresholdSpec"))
-    )
+def _relevant_errors(errors: list[Any]) -> list[Any]:
+    """Drop the complaints of the `str | ThresholdSpec` union branch that does not fit the input."""
+
+    def branch(error: Any) -> str | None:
+        loc = error["loc"]
+        is_item = len(loc) >= 3 and loc[0] == "thresholds" and isinstance(loc[1], int)
+        return str(loc[2]) if is_item and loc[2] in ("str", "ThresholdSpec") else None
+
+    str_inputs = {e["loc"][1]: e.get("input") for e in errors if branch(e) == "str"}
+
+    def keep(error: Any) -> bool:
+        if branch(error) == "str":  # a mapping was meant as a ThresholdSpec
+            return not isinstance(error.get("input"), dict)
+        if branch(error) == "ThresholdSpec":  # anything else was meant as a string
+            return isinstance(str_inputs.get(error["loc"][1], {}), dict)
+        return True
+
+    return [e for e in errors if keep(e)] or errors
+
+
+_UNION_TAGS = {
+    "think_time": {"constant", "uniform", "exponential", "lognormal", "pacing"},
+    "shape": {"constant", "stages", "steps", "callable"},
+}
+_PYDANTIC_LABELS = ("function-", "tagged-union[", "nullable[", "lax-or-strict[", "json-or-python[", "chain[")
+
+
+def _is_union_tag(loc: tuple[int | str, ...], i: int) -> bool:
+    # pydantic puts the chosen union member or validator name in the location; not a user field.
+    # Only where pydantic inserts one, so a group or target named e.g. `steps` keeps its name.
+    part = loc[i]
+    if not isinstance(part, str):
+        return False
+    if part == "[key]" or (part.startswith(_PYDANTIC_LABELS) and "[" in part):
+        return True
+    if i == 3 and loc[0] == "groups" and part in _UNION_TAGS.get(str(loc[2]), ()):
+        return True  # groups.NAME.think_time.<tag> / groups.NAME.shape.<tag>
+    return i == 2 and loc[0] == "thresholds" and isinstance(loc[1], int) and part in ("str", "ThresholdSpec")
 
 
 def _kind(value: Any) -> str:

@@ -22,7 +22,9 @@ LAG_WARNING_MS = 50.0
 """Event-loop lag above this delays requests and timers: the numbers are flagged."""
 
 
-def _stats(hist: Any, requests: int, failures: int, seconds: float, hist_intended: Any = None) -> dict[str, Any]:
+def _stats(
+    hist: Any, requests: int, failures: int, seconds: float, hist_intended: Any = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": requests,
         "failures": failures,
@@ -58,8 +60,15 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
         key = (w["group"], w["name"])
         entry = per.get(key)
         if entry is None:
-            entry = per[key] = {"kind": w["kind"], "requests": 0, "failures": 0, "hist": new_histogram(),
-                                "hist_intended": None, "bytes_received": 0, "bytes_sent": 0}
+            entry = per[key] = {
+                "kind": w["kind"],
+                "requests": 0,
+                "failures": 0,
+                "hist": new_histogram(),
+                "hist_intended": None,
+                "bytes_received": 0,
+                "bytes_sent": 0,
+            }
         entry["requests"] += w["count"]
         entry["failures"] += w["failures"]
         entry["bytes_received"] += w["bytes_received"]
@@ -73,8 +82,16 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
     for (group, name), entry in sorted(per.items()):
         counts_in_totals = entry["kind"] != "error"
         stats = _stats(entry["hist"], entry["requests"], entry["failures"], seconds, entry["hist_intended"])
-        endpoints.append({"group": group, "name": name, "kind": entry["kind"], **stats,
-                          "bytes_received": entry["bytes_received"], "bytes_sent": entry["bytes_sent"]})
+        endpoints.append(
+            {
+                "group": group,
+                "name": name,
+                "kind": entry["kind"],
+                **stats,
+                "bytes_received": entry["bytes_received"],
+                "bytes_sent": entry["bytes_sent"],
+            }
+        )
         gc = group_counts[group]
         gc[0] += entry["requests"] if counts_in_totals else 0
         gc[1] += entry["failures"]
@@ -87,8 +104,9 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
     health = store.health_summary(run.id)
     dropped_by_group = {
         r["group"]: int(r["dropped"] or 0)
-        for r in store.rows('SELECT "group", SUM(dropped) AS dropped FROM health WHERE run_id=:r GROUP BY "group"',
-                            r=run.id)
+        for r in store.rows(
+            'SELECT "group", SUM(dropped) AS dropped FROM health WHERE run_id=:r GROUP BY "group"', r=run.id
+        )
     }
     group_totals = {}
     for group, (requests, failures) in group_counts.items():
@@ -98,11 +116,17 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
     totals["dropped"] = int(health.get("dropped") or 0)
     warnings = []
     if health.get("cpu_max", 0) > CPU_WARNING:
-        warnings.append(f"a worker reached {health['cpu_max']:.0f}% CPU: the load generator may have been the bottleneck")
+        warnings.append(
+            f"a worker reached {health['cpu_max']:.0f}% CPU: the load generator may have been the bottleneck"
+        )
     if health.get("loop_lag_max_ms", 0) > LAG_WARNING_MS:
-        warnings.append(f"event-loop lag reached {health['loop_lag_max_ms']:.0f} ms: latencies include harness delay")
+        warnings.append(
+            f"event-loop lag reached {health['loop_lag_max_ms']:.0f} ms: latencies include harness delay"
+        )
     if totals["dropped"]:
-        warnings.append(f"{totals['dropped']} iterations were dropped (open model could not keep the arrival rate)")
+        warnings.append(
+            f"{totals['dropped']} iterations were dropped (open model could not keep the arrival rate)"
+        )
     health["warnings"] = warnings
     all_events = store.events(run.id)
     users_max: dict[str, float] = {}
@@ -115,12 +139,20 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
             for group, value in (event["detail"].get("users_max") or {}).items():
                 users_max[group] = max(users_max.get(group, 0), value)
     groups = {
-        name: {"simulator": cfg.get("simulator"), "users_max": users_max.get(name, 0),
-               "model": "open" if cfg.get("arrival_rate") is not None else cfg.get("model") or "closed"}
+        name: {
+            "simulator": cfg.get("simulator"),
+            "users_max": users_max.get(name, 0),
+            "model": "open" if cfg.get("arrival_rate") is not None else cfg.get("model") or "closed",
+        }
         for name, cfg in (profile.get("groups") or {}).items()
     }
     events = [
-        {"t": round(e["t"] - run.started_at, 3), "type": e["type"], "group": e["group"], "detail": e["detail"]}
+        {
+            "t": round(e["t"] - run.started_at, 3),
+            "type": e["type"],
+            "group": e["group"],
+            "detail": e["detail"],
+        }
         for e in all_events
     ]
     return {

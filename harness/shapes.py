@@ -8,8 +8,9 @@ A profile names a shape under a group's `shape`:
   (the group's `users`/`arrival_rate`, or `start`) to each stage's target.
 - `steps`: the ACA-Py mediator test's step shape: every `step_time` add `users_per_step` users up to
   `max_users`, spawning at `spawn_fraction` of the current target per second.
-- `callable`: `module:function` called with (t, group_name) once a second; it returns a number, a
-  mapping `{target, spawn_rate}`, or None when the group is done.
+- `callable`: `module:function` called with (t, base) once a second — seconds into the run and the
+  group's `users`/`arrival_rate` (0 if unset); it returns a number, a mapping `{target, spawn_rate}`,
+  a `(target, spawn_rate)` tuple, or None when the group is done.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class StepsShape(_Shape):
 
 
 class CallableShape(_Shape):
-    """A Python function `module:function(t, group) -> number | {target, spawn_rate} | None`."""
+    """A Python function `module:function(t, base) -> number | {target, spawn_rate} | None`."""
 
     type: Literal["callable"]
     function: str
@@ -139,7 +140,7 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         raise ValueError(f"expected 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, TypeError for '.relative', or the module's own failure
         raise ValueError(f"cannot import {module_name!r}: {exc}") from None
     try:
         func = getattr(module, attr)
@@ -147,7 +148,7 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not callable(func):
         raise ValueError(f"{spec!r} is not callable")
-    return func  # type: ignore[no-any-return]
+    return func  # type: ignore[no-any-return,unused-ignore]
 
 
 Shape = Annotated[

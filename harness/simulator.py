@@ -36,7 +36,7 @@ from harness.errors import MissingExtraError, ProfileError, UsageError
 from harness.metrics import Metrics
 
 if TYPE_CHECKING:
-    from harness.profile import Group
+    from harness.profile import Group, Profile
 
 ENTRY_POINT_GROUP = "harness.simulators"
 T = TypeVar("T")
@@ -55,7 +55,7 @@ class StopUser(Exception):
 class User:
     """One virtual user. Kept small: a worker may hold 100,000 of them."""
 
-    __slots__ = ("id", "iterations", "data", "_stopping")
+    __slots__ = ("_stopping", "data", "id", "iterations")
 
     def __init__(self, user_id: int) -> None:
         self.id = user_id
@@ -98,7 +98,9 @@ class SimulatorContext:
         """A target's base URL; without a name, the only target (UsageError if ambiguous)."""
         if name is not None:
             if name not in self.targets:
-                raise UsageError(f"group {self.group!r}: no target named {name!r}; have {sorted(self.targets)}")
+                raise UsageError(
+                    f"group {self.group!r}: no target named {name!r}; have {sorted(self.targets)}"
+                )
             return self.targets[name]
         if len(self.targets) == 1:
             return next(iter(self.targets.values()))
@@ -124,6 +126,10 @@ class Simulator:
     """The `pip install 'harness[extra]'` that provides this family's dependencies."""
     threads: ClassVar[int] = 8
     """Size of the worker's thread pool for blocking calls."""
+
+    @classmethod
+    def check_profile(cls, options: Any, profile: Profile) -> None:
+        """Cross-check the validated options against the whole profile; raise ValueError to reject."""
 
     def __init__(self, ctx: SimulatorContext) -> None:
         self.ctx = ctx
@@ -211,7 +217,7 @@ def load_simulator(name: str) -> type[Simulator]:
     return cls
 
 
-def validate_group_options(source: str, group_name: str, group: Group) -> BaseModel:
+def validate_group_options(source: str, group_name: str, group: Group, profile: Profile) -> BaseModel:
     """Validate a group's `options` with its simulator's model; ProfileError names the field."""
     try:
         cls = load_simulator(group.simulator)
@@ -220,8 +226,12 @@ def validate_group_options(source: str, group_name: str, group: Group) -> BaseMo
             raise
         raise ProfileError(source, f"groups.{group_name}.simulator", str(exc)) from None
     try:
-        return cls.Options.model_validate(group.options)
-    except ValidationError as exc:
+        options = cls.Options.model_validate(group.options)
+        cls.check_profile(options, profile)
+        return options
+    except ValueError as exc:
+        if not isinstance(exc, ValidationError):
+            raise ProfileError(source, f"groups.{group_name}.options", str(exc)) from None
         err = exc.errors()[0]
         path = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
@@ -230,11 +240,7 @@ def validate_group_options(source: str, group_name: str, group: Group) -> BaseMo
         elif err["type"] == "missing":
             message = "required option is missing"
         field_path = f"groups.{group_name}.options" + (f".{path}" if path else "")
-        return _raise(ProfileError(source, field_path, message))
-
-
-def _raise(exc: Exception) -> Any:
-    raise exc
+        raise ProfileError(source, field_path, message) from None
 
 
 SimulatorFactory = Callable[[SimulatorContext], Simulator]

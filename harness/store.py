@@ -212,7 +212,7 @@ class Store:
         """A run by id, or by a unique prefix of its id."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(Run).where(Run.id.startswith(run_id))  # type: ignore[attr-defined]
+                select(Run).where(Run.id.startswith(run_id))  # type: ignore[attr-defined,unused-ignore]
             ).all()
         if len(rows) != 1:
             exact = [r for r in rows if r.id == run_id]
@@ -234,14 +234,24 @@ class Store:
         for run in self.list_runs(limit=1000):
             if run.status != "running":
                 continue
-            alive = run.host == host and psutil.pid_exists(run.controller_pid) and run.controller_pid != os.getpid()
+            alive = (
+                run.host == host
+                and psutil.pid_exists(run.controller_pid)
+                and run.controller_pid != os.getpid()
+            )
             if alive and _same_controller(run):
                 continue
             ended = self.last_activity(run.id) or run.started_at
             self.update_run(
-                run.id, status="aborted", ended_at=ended, exit_code=3, reason="controller died; recovered on next start"
+                run.id,
+                status="aborted",
+                ended_at=ended,
+                exit_code=3,
+                reason="controller died; recovered on next start",
             )
-            self.add_events(run.id, [{"t": time.time(), "type": "recovered_aborted", "detail": {"last_data": ended}}])
+            self.add_events(
+                run.id, [{"t": time.time(), "type": "recovered_aborted", "detail": {"last_data": ended}}]
+            )
             recovered.append(run.id)
         return recovered
 
@@ -329,10 +339,17 @@ class Store:
         with self.transaction() as conn:
             result = conn.execute(
                 Worker.__table__.insert().values(  # type: ignore[attr-defined]
-                    run_id=run_id, group=group, index=index, pid=pid, started_at=time.time(), restarts=restarts
+                    run_id=run_id,
+                    group=group,
+                    index=index,
+                    pid=pid,
+                    started_at=time.time(),
+                    restarts=restarts,
                 )
             )
-            return int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None
+            return int(key[0])
 
     def end_worker(self, worker_id: int, exit_code: int | None) -> None:
         """Record a worker's exit."""
@@ -349,10 +366,14 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(text(sql), params)]
 
-    def windows(self, run_id: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+    def windows(
+        self, run_id: str, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
         """Every stored window of a run (optionally within [since, until))."""
-        sql = 'SELECT t, "group", name, kind, count, failures, bytes_sent, bytes_received, hist, hist_intended ' \
-              "FROM window WHERE run_id=:r"
+        sql = (
+            'SELECT t, "group", name, kind, count, failures, bytes_sent, bytes_received, hist, hist_intended '
+            "FROM window WHERE run_id=:r"
+        )
         params: dict[str, Any] = {"r": run_id}
         if since is not None:
             sql += " AND t >= :since"
@@ -364,7 +385,9 @@ class Store:
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         """The run's timeline."""
-        rows = self.rows('SELECT t, type, "group", detail FROM event WHERE run_id=:r ORDER BY t, id', r=run_id)
+        rows = self.rows(
+            'SELECT t, type, "group", detail FROM event WHERE run_id=:r ORDER BY t, id', r=run_id
+        )
         for row in rows:
             row["detail"] = json.loads(row["detail"] or "{}")
         return rows

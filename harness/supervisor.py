@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from harness.collector import Collector
 from harness.errors import WorkerBootError
@@ -119,7 +119,8 @@ class Supervisor:
             index=index,
             workers=group.processes,
             simulator=group.simulator,
-            options=self.loaded.options[name].model_dump(by_alias=True) if name in self.loaded.options
+            options=self.loaded.options[name].model_dump(by_alias=True)
+            if name in self.loaded.options
             else group.options,
             mode=group.mode,
             targets=self.targets,
@@ -143,14 +144,20 @@ class Supervisor:
             state.slots.append(slot)
             self._launch(slot)
         self.collector.event(
-            "group_started", state.name, simulator=state.config.simulator, processes=len(state.slots),
+            "group_started",
+            state.name,
+            simulator=state.config.simulator,
+            processes=len(state.slots),
             mode=state.config.mode,
         )
 
     def _launch(self, slot: _Slot) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(
-            target=worker_main, args=(slot.spec, child), name=f"harness-worker-{slot.spec.label}", daemon=False
+            target=worker_main,
+            args=(slot.spec, child),
+            name=f"harness-worker-{slot.spec.label}",
+            daemon=False,
         )
         process.start()
         child.close()
@@ -179,16 +186,17 @@ class Supervisor:
             if not conns:
                 time.sleep(0.05)
                 continue
-            for conn in wait(conns, timeout=0.2):
+            for ready in wait(conns, timeout=0.2):
+                conn = cast(Connection, ready)
                 with self._lock:
-                    slot = self._conns.get(conn)  # type: ignore[call-overload]
+                    slot = self._conns.get(conn)
                 if slot is None:
                     continue
                 try:
-                    kind, payload = conn.recv()  # type: ignore[union-attr]
+                    kind, payload = conn.recv()
                 except (EOFError, OSError):
                     with self._lock:
-                        self._conns.pop(conn, None)  # type: ignore[call-overload]
+                        self._conns.pop(conn, None)
                     continue
                 slot.last_seen = time.time()
                 self._dispatch(slot, kind, payload)
@@ -198,7 +206,12 @@ class Supervisor:
             self.collector.submit(slot.group, slot.index, payload)
         elif kind == "log":
             record = logging.LogRecord(
-                payload["logger"], payload["level"], "worker", 0, "[%s] %s", (payload["worker"], payload["message"]),
+                payload["logger"],
+                payload["level"],
+                "worker",
+                0,
+                "[%s] %s",
+                (payload["worker"], payload["message"]),
                 None,
             )
             record.created = payload["t"]
@@ -284,9 +297,15 @@ class Supervisor:
             code = slot.process.exitcode
             if code is None:
                 if slot.booted and now - slot.last_seen > HEARTBEAT_TIMEOUT and not slot.stopping:
-                    self.collector.event("worker_unresponsive", slot.group, worker=slot.index,
-                                         silent_s=round(now - slot.last_seen, 1))
-                    log.warning("worker %s sent nothing for %.0fs: killing it", slot.spec.label, now - slot.last_seen)
+                    self.collector.event(
+                        "worker_unresponsive",
+                        slot.group,
+                        worker=slot.index,
+                        silent_s=round(now - slot.last_seen, 1),
+                    )
+                    log.warning(
+                        "worker %s sent nothing for %.0fs: killing it", slot.spec.label, now - slot.last_seen
+                    )
                     slot.process.kill()
                 continue
             if slot.restart_at is not None:
@@ -348,7 +367,9 @@ class Supervisor:
             out[name] = {
                 "mode": state.config.mode,
                 "target": round(state.current, 2),
-                "workers": sum(1 for s in state.slots if s.process is not None and s.process.exitcode is None),
+                "workers": sum(
+                    1 for s in state.slots if s.process is not None and s.process.exitcode is None
+                ),
                 "state": status,
                 "simulator": state.config.simulator,
             }

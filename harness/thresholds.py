@@ -89,7 +89,7 @@ def _scope(summary: dict[str, Any], group: str | None, name: str | None) -> dict
         return (summary.get("group_totals") or {}).get(group)
     for endpoint in summary.get("endpoints", []):
         if endpoint.get("group") == group and endpoint.get("name") == name:
-            return endpoint  # type: ignore[no-any-return]
+            return dict(endpoint)
     return None
 
 

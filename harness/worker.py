@@ -30,6 +30,7 @@ import psutil
 
 from harness.errors import HarnessError
 from harness.metrics import Metrics, error_text, schedule_lag
+from harness.profile import Pacing, ThinkTime
 from harness.simulator import Simulator, SimulatorContext, StopUser, User, load_simulator
 
 WORKER_BOOT_ERROR = 4
@@ -143,10 +144,10 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 class Worker:
     """Runs one group's share of users (closed model) or arrivals (open model)."""
 
-    def __init__(self, spec: WorkerSpec, sim_cls: type[Simulator], options: Any, send: Any, log: logging.Logger):
+    def __init__(
+        self, spec: WorkerSpec, sim_cls: type[Simulator], options: Any, send: Any, log: logging.Logger
+    ):
         from pydantic import TypeAdapter
-
-        from harness.profile import ThinkTime
 
         self.spec = spec
         self.send = send
@@ -305,8 +306,10 @@ class Worker:
                     break
                 if pacing is not None:
                     pause = pacing - (time.perf_counter() - began)
+                elif self.think is not None and not isinstance(self.think, Pacing):
+                    pause = self.think.sample(self.rng)
                 else:
-                    pause = self.think.sample(self.rng) if self.think is not None else 0.0
+                    pause = 0.0
                 self.thinking.add(user.id)
                 try:
                     # sleep(0) still yields, so a user with no think time cannot starve the loop
@@ -368,8 +371,9 @@ class Worker:
 
     def _hook_failed(self, hook: str, exc: BaseException) -> None:
         message = error_text(exc)
-        self.metrics.request(f"{ITERATION}" if hook == "iteration" else f"({hook})", 0.0, kind="error",
-                             ok=False, error=exc)
+        self.metrics.request(
+            f"{ITERATION}" if hook == "iteration" else f"({hook})", 0.0, kind="error", ok=False, error=exc
+        )
         if message not in self.logged_errors and len(self.logged_errors) < 100:
             self.logged_errors.add(message)
             self.log.warning("%s raised in %s: %s", type(self.sim).__name__, hook, message, exc_info=exc)
@@ -383,7 +387,9 @@ class Worker:
         return True
 
     def _quota_used(self) -> bool:
-        return self.spec.total_iterations is not None and self.started_iterations >= self.spec.total_iterations
+        return (
+            self.spec.total_iterations is not None and self.started_iterations >= self.spec.total_iterations
+        )
 
     def _maybe_done(self) -> None:
         if self.done_sent or self.stopping:

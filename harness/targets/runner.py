@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -132,7 +133,7 @@ def _reason(exc: OSError) -> str:
 
 
 def check_url(name: str, url: str, health_path: str | None, timeout: float) -> None:
-    """Wait until the target at `url` answers: < 500 on `health_path`, or anything without one.
+    """Wait until `url` answers < 500 on `health_path`, or (without one) accepts a TCP connection.
 
     Raises `TargetError` naming the target and the URL if it does not within `timeout` seconds.
     """
@@ -144,8 +145,23 @@ def check_url(name: str, url: str, health_path: str | None, timeout: float) -> N
     reason = "no attempt"
     while True:
         remaining = deadline - time.monotonic()
+        wait = max(0.05, min(_PROBE_TIMEOUT, remaining))
+        if health_path is None:
+            # Reachable is enough: the run itself will show how the target answers (or hangs).
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                socket.create_connection((parts.hostname, port), timeout=wait).close()
+                return
+            except OSError as exc:
+                reason = _reason(exc)
+                if time.monotonic() + _POLL_INTERVAL >= deadline:
+                    raise TargetError(
+                        f"target {name!r} is not reachable at {url} within {timeout}s: {reason}"
+                    ) from None
+                time.sleep(_POLL_INTERVAL)
+                continue
         try:
-            status = _probe(probe, max(0.05, min(_PROBE_TIMEOUT, remaining)))
+            status = _probe(probe, wait)
         except OSError as exc:
             reason = _reason(exc)
         else:

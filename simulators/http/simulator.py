@@ -1,19 +1,18 @@
 """Weighted (or sequential) HTTP requests from the profile, with checks, over pooled keep-alive connections.
 
-    groups:
-      browse:
-        simulator: http
-        users: 50
-        options:
-          target: echo                  # a name from `targets:` (or base_url: http://127.0.0.1:8080)
-          requests:
-            - {name: home, url: /, weight: 5}
-            - {name: search, method: POST, url: /echo, json: {q: shoes}, checks: {status: 200, contains: shoes}}
+groups:
+  browse:
+    simulator: http
+    users: 50
+    options:
+      target: echo                  # a name from `targets:` (or base_url: http://127.0.0.1:8080)
+      requests:
+        - {name: home, url: /, weight: 5}
+        - {name: search, method: POST, url: /echo, json: {q: shoes}, checks: {status: 200, contains: shoes}}
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import itertools
 import json as jsonlib
@@ -88,11 +87,13 @@ class HttpOptions(BaseModel):
 
 
 class _Prepared:
-    __slots__ = ("name", "method", "url", "headers", "data", "checks", "sent")
+    __slots__ = ("checks", "data", "headers", "method", "name", "sent", "url")
 
     def __init__(self, spec: RequestSpec, base: str, common: dict[str, str]) -> None:
         path = spec.url
-        self.url = path if path.startswith(("http://", "https://")) else base.rstrip("/") + "/" + path.lstrip("/")
+        self.url = (
+            path if path.startswith(("http://", "https://")) else base.rstrip("/") + "/" + path.lstrip("/")
+        )
         self.name = spec.name or f"{spec.method} {path}"
         self.method = spec.method
         self.headers = {**common, **spec.headers}
@@ -112,6 +113,20 @@ class HttpSimulator(Simulator):
     description = "Generic HTTP requests with weights and checks (aiohttp, pooled keep-alive)."
     Options = HttpOptions
     options: HttpOptions
+
+    @classmethod
+    def check_profile(cls, options: HttpOptions, profile: Any) -> None:
+        if options.base_url is not None:
+            if options.target is not None:
+                raise ValueError("give 'target' or 'base_url', not both")
+            return
+        names = sorted(profile.targets)
+        if options.target is not None and options.target not in profile.targets:
+            raise ValueError(f"target {options.target!r} is not in the profile's targets {names}")
+        if options.target is None and len(names) != 1:
+            raise ValueError(
+                f"name the target to send to ('target: NAME', one of {names}) or give 'base_url'"
+            )
 
     async def setup(self) -> None:
         base = self.options.base_url or self.ctx.target_url(self.options.target)
@@ -158,7 +173,7 @@ class HttpSimulator(Simulator):
                 error = f"body does not contain {checks.contains!r}"
             if error is None and checks.max_latency is not None and latency > checks.max_latency:
                 error = f"slower than {checks.max_latency * 1000:.0f} ms"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             latency = time.perf_counter() - start
             error = f"timeout after {self.options.timeout:g}s"
         except aiohttp.ClientError as exc:

@@ -1,0 +1,61 @@
+"""Simulators the tests name as `simulator: tests.sims:Name`, as a user's own plugin would be named."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import BaseModel, ConfigDict
+
+from harness.simulator import BlockingSimulator, Simulator, User
+
+
+class RecorderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sleep: float = 0.01
+    fail_every: int = 0
+
+
+class Recorder(Simulator):
+    """Records one timed operation per iteration plus a counter, a gauge, a data point and an event."""
+
+    name = "recorder"
+    Options = RecorderOptions
+
+    async def start_user(self, user: User) -> None:
+        user.data = {"n": 0}
+        self.metrics.event("user_started", {"user": user.id})
+
+    async def iteration(self, user: User) -> None:
+        assert user.data is not None
+        user.data["n"] += 1
+        async with self.metrics.timer("op", kind="test"):
+            await asyncio.sleep(self.options.sleep)
+        self.metrics.counter("ops")
+        self.metrics.gauge("last_user", user.id)
+        self.metrics.datapoint(f"user-{user.id}", {"n": user.data["n"]})
+        if self.options.fail_every and user.data["n"] % self.options.fail_every == 0:
+            raise RuntimeError("planned failure")
+
+
+class SlowBlocking(BlockingSimulator):
+    """A blocking client (like Selenium) running in the worker's thread pool."""
+
+    name = "slow-blocking"
+    threads = 4
+
+    def iteration_blocking(self, user: User) -> None:
+        with self.metrics.timer("blocking-op", kind="test"):
+            time.sleep(0.05)
+
+
+class BadSetup(Simulator):
+    """A simulator whose setup always fails: the worker cannot boot."""
+
+    name = "bad-setup"
+
+    async def setup(self) -> None:
+        raise ConnectionError("cannot reach the license server")
+
+    async def iteration(self, user: User) -> None:  # pragma: no cover - never reached
+        pass

@@ -1,0 +1,259 @@
+"""End-to-end runs through the real CLI in a subprocess: the engine, the store and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def harness(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m harness ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def start(
+    tmp_path: Path,
+    profile: dict[str, Any] | str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
+    """Run a profile headless; returns the process, summary.json and the database path."""
+    if isinstance(profile, dict):
+        path = tmp_path / "profile.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        profile = str(path)
+    db = tmp_path / "h.db"
+    report = tmp_path / "report"
+    proc = harness(
+        "start",
+        "--profile",
+        profile,
+        "--headless",
+        "--quiet",
+        "--db",
+        str(db),
+        "--report-dir",
+        str(report),
+        *extra,
+        env=env,
+        timeout=timeout,
+    )
+    summary_path = report / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return proc, summary, db
+
+
+def rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Query the run database read-only."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def recorder_profile(**group: Any) -> dict[str, Any]:
+    """A profile with one `tests.sims:Recorder` group (no target needed)."""
+    base = {"simulator": "tests.sims:Recorder", "users": 3, "think_time": "50ms", "options": {"sleep": 0.01}}
+    return {"name": "rec", "duration": "6s", "stop_grace": "2s", "groups": {"rec": {**base, **group}}}
+
+
+def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
+    proc, summary, db = start(tmp_path, "demo", "--duration", "30s")
+    assert proc.returncode == 0, proc.stderr
+    assert summary["status"] == "passed"
+    assert set(summary["groups"]) == {"browse", "api", "monitor"}
+    for group in summary["groups"]:
+        assert summary["group_totals"][group]["requests"] > 0, group
+    for key in ("run_id", "profile", "started_at", "ended_at"):
+        assert summary[key]
+    for key in ("requests", "failures", "error_rate", "rps", "p50_ms", "p95_ms", "p99_ms", "max_ms"):
+        assert key in summary["totals"]
+    endpoint = summary["endpoints"][0]
+    for key in (
+        "group",
+        "name",
+        "requests",
+        "failures",
+        "rps",
+        "p50_ms",
+        "p90_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+    ):
+        assert key in endpoint
+    assert all({"expr", "value", "ok"} <= set(t) for t in summary["thresholds"])
+    assert {e["type"] for e in summary["events"]} >= {
+        "run_started",
+        "worker_started",
+        "scaled",
+        "run_stopped",
+    }
+    # the open-model group measured latency from the intended start too
+    api = [e for e in summary["endpoints"] if e["group"] == "api"]
+    assert api and all("intended" in e for e in api)
+    # every second is in the database: about 30 seconds of windows per group
+    seconds = rows(db, 'SELECT "group", COUNT(DISTINCT t) FROM window GROUP BY "group"')
+    assert all(n >= 27 for _, n in seconds), seconds
+    assert rows(db, "SELECT status FROM run") == [("passed",)]
+
+
+def test_failed_threshold_exits_1(tmp_path: Path) -> None:
+    proc, summary, _ = start(tmp_path, "smoke", "--duration", "3s", "--set", "thresholds=['p50_ms < 0.001']")
+    assert proc.returncode == 1, proc.stderr
+    assert summary["status"] == "failed"
+    assert summary["thresholds"][0]["ok"] is False
+    assert summary["thresholds"][0]["value"] > 0.001
+
+
+def test_custom_simulator_metrics_datapoints_and_isolated_failures(tmp_path: Path) -> None:
+    proc, summary, db = start(tmp_path, recorder_profile(options={"sleep": 0.01, "fail_every": 3}))
+    assert proc.returncode == 0, proc.stderr
+    op = next(e for e in summary["endpoints"] if e["name"] == "op")
+    assert op["requests"] > 30 and op["failures"] == 0
+    assert 9.0 <= op["p50_ms"] <= 40.0
+    # the planned exception failed iterations, not the worker: it keeps running and the error is kept
+    errors = {e["message"]: e["count"] for e in summary["errors"]}
+    assert errors["RuntimeError: planned failure"] >= 5
+    assert not [e for e in summary["events"] if e["type"] == "worker_exited" and e["detail"].get("exit_code")]
+    assert rows(db, "SELECT SUM(value) FROM metric WHERE name='ops'")[0][0] == op["requests"]
+    assert rows(db, "SELECT COUNT(*) FROM datapoint")[0][0] == op["requests"]
+    assert rows(db, "SELECT COUNT(*) FROM event WHERE type='user_started'")[0][0] == 3
+    assert rows(db, "SELECT COUNT(*) FROM log WHERE message LIKE '%planned failure%'")[0][0] >= 1
+
+
+def test_blocking_simulator_runs_in_thread_pool(tmp_path: Path) -> None:
+    profile = recorder_profile(simulator="tests.sims:SlowBlocking", users=4, think_time=0, options={})
+    profile["duration"] = "4s"
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    op = summary["endpoints"][0]
+    # 4 users in 4 threads at 50 ms each: ~80 ops/s, impossible if the calls blocked the loop serially
+    assert op["rps"] > 40, op
+    assert summary["health"]["loop_lag_max_ms"] < 50
+
+
+def test_iterations_per_user_and_total_end_the_run_early(tmp_path: Path) -> None:
+    profile = recorder_profile(users=3, iterations=4, think_time=0)
+    profile["groups"]["total"] = {
+        "simulator": "tests.sims:Recorder",
+        "users": 5,
+        "total_iterations": 17,
+        "processes": 2,
+        "think_time": 0,
+    }
+    profile["duration"] = "60s"
+    began = time.monotonic()
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - began < 30
+    by_group = {e["group"]: e["requests"] for e in summary["endpoints"]}
+    assert by_group == {"rec": 12, "total": 17}
+    assert summary["reason"] == "every group finished"
+
+
+def test_open_model_counts_dropped_and_measures_from_intended_start(tmp_path: Path) -> None:
+    profile = {
+        "name": "open",
+        "duration": "6s",
+        "stop_grace": "1s",
+        "targets": {
+            "slow": {
+                "embedded": True,
+                "kind": "echo",
+                "concurrency": 2,
+                "service_time": "50ms",
+                "queue_limit": 1000,
+            }
+        },
+        "groups": {
+            "api": {
+                "simulator": "http",
+                "arrival_rate": 100,
+                "max_in_flight": 10,
+                "options": {"requests": [{"name": "get", "url": "/"}]},
+            },
+        },
+    }
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    # capacity is 2/0.05 = 40/s: of 100/s most arrivals cannot start with 10 in flight
+    assert summary["totals"]["dropped"] > 100
+    assert any("dropped" in w for w in summary["health"]["warnings"])
+    get = summary["endpoints"][0]
+    assert 150 < get["requests"] < 400
+    assert get["intended"]["p99_ms"] >= get["p99_ms"]
+
+
+def test_bad_setup_is_a_boot_error_not_a_restart_loop(tmp_path: Path) -> None:
+    began = time.monotonic()
+    proc, summary, _ = start(tmp_path, recorder_profile(simulator="tests.sims:BadSetup", options={}))
+    assert proc.returncode == 3
+    assert "could not boot" in proc.stderr and "license server" in proc.stderr
+    assert summary["status"] == "aborted"
+    assert time.monotonic() - began < 20
+    assert [e["type"] for e in summary["events"]].count("worker_restarted") == 0
+
+
+def test_unreachable_target_at_start_exits_2(tmp_path: Path) -> None:
+    profile = recorder_profile()
+    profile["targets"] = {"api": {"url": "http://127.0.0.1:9", "start_timeout": "1s"}}
+    proc, _, _ = start(tmp_path, profile)
+    assert proc.returncode == 2
+    assert "api" in proc.stderr and "127.0.0.1:9" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_secrets_never_reach_the_database_or_reports(tmp_path: Path) -> None:
+    secret = "s3cr3t-token-value-42"
+    profile = {
+        "name": "secret",
+        "duration": "3s",
+        "targets": {"echo": {"embedded": True}},
+        "groups": {
+            "g": {
+                "simulator": "http",
+                "users": 2,
+                "think_time": "100ms",
+                "options": {
+                    "headers": {"Authorization": "Bearer ${API_TOKEN}"},
+                    "requests": [
+                        {
+                            "name": "echo",
+                            "method": "POST",
+                            "url": "/echo",
+                            "body": "${API_TOKEN}",
+                            "checks": {"contains": "nothing-like-this"},
+                        }
+                    ],
+                },
+            }
+        },
+    }
+    proc, summary, db = start(tmp_path, profile, env={"API_TOKEN": secret})
+    assert proc.returncode == 0, proc.stderr
+    assert summary["totals"]["failures"] > 0  # the check failed, so error text was stored
+    for path in [db, *db.parent.glob("h.db*"), tmp_path / "report" / "summary.json"]:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in proc.stdout + proc.stderr
+    assert "${API_TOKEN}" in rows(db, "SELECT profile_json FROM run")[0][0]

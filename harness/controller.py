@@ -182,7 +182,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     previous = {
         sig: signal.signal(sig, lambda signum, _frame: signals.put(signum))
-        for sig in (signal.SIGINT, signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     status, reason = "running", ""
     thresholds = profile.parsed_thresholds()

@@ -204,6 +204,8 @@ def load_simulator(name: str) -> type[Simulator]:
     if spec is None:
         raise UsageError(f"unknown simulator {name!r}; registered: {', '.join(sorted(registered)) or 'none'}")
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"simulator {name!r}: expected a registered name or 'package.module:Class'")
     try:
         module = __import__(module_name, fromlist=[attr])
     except ModuleNotFoundError as exc:

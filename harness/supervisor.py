@@ -259,7 +259,11 @@ class Supervisor:
         if state.manual is not None:
             point_target, spawn = state.manual, None
         else:
-            point = group.shape.at(t, group.base)
+            try:
+                point = group.shape.at(t, group.base)
+            except Exception as exc:  # a user's shape function: stop the run with its message
+                self.fatal = f"group {state.name!r}: the load shape failed at t={t:.0f}s: {exc!r}"
+                return
             if point is None:
                 self._finish_group(state, "shape finished")
                 return
@@ -366,7 +370,7 @@ class Supervisor:
             status = "done" if state.finished else ("running" if state.started else "waiting")
             out[name] = {
                 "mode": state.config.mode,
-                "target": round(state.current, 2),
+                "target": round(state.current) if state.config.mode == "closed" else round(state.current, 2),
                 "workers": sum(
                     1 for s in state.slots if s.process is not None and s.process.exitcode is None
                 ),

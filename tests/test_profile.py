@@ -56,7 +56,7 @@ def write(tmp_path: Path, doc: dict[str, Any] | str, name: str = "profile.yaml")
     return path
 
 
-# -- loading ----------------------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------------
 
 
 def test_builtin_smoke_loads_with_validated_options() -> None:
@@ -101,7 +101,7 @@ def test_find_profile_by_path_and_errors(tmp_path: Path, smoke_doc: dict[str, An
     path = write(tmp_path, smoke_doc, "mine.yaml")
     assert find_profile(str(path)) == path
     assert load_profile(str(path)).source == str(path)
-    with pytest.raises(UsageError, match="no profile named 'nosuch'.*smoke"):
+    with pytest.raises(UsageError, match=r"no profile named 'nosuch'.*smoke"):
         find_profile("nosuch")
     with pytest.raises(UsageError, match="profile file not found"):
         find_profile(str(tmp_path / "missing.yaml"))
@@ -197,7 +197,7 @@ def test_set_unknown_field_is_a_profile_error_naming_it() -> None:
     assert "unknown field" in str(info.value)
 
 
-# -- ${VAR} and .env ----------------------------------------------------------------------------------
+# -- ${VAR} and .env -------------------------------------------------------------------------------
 
 ENV_PROFILE = """
 name: envtest
@@ -304,7 +304,7 @@ def test_placeholders_in_keys_and_unclosed_ones_are_left_alone() -> None:
     assert loaded.profile.description == "cost ${ and $HOME"
 
 
-# -- schema errors ----------------------------------------------------------------------------------
+# -- schema errors ---------------------------------------------------------------------------------
 
 
 def _group(doc: dict[str, Any]) -> dict[str, Any]:
@@ -584,18 +584,13 @@ def test_threshold_specs_carry_abort(smoke_doc: dict[str, Any]) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="harness/simulator.py load_simulator: __import__('') raises ValueError for 'simulator: \":X\"'",
-)
 def test_simulator_with_empty_module_name_is_a_profile_error(smoke_doc: dict[str, Any]) -> None:
     _group(smoke_doc)["simulator"] = ":Nope"
     with pytest.raises(ProfileError):
         load_profile_text(yaml.safe_dump(smoke_doc))
 
 
-# -- property: any mutation of a valid profile either loads or is a UsageError ------------------------
+# -- property: any mutation of a valid profile either loads or is a UsageError ---------------------
 
 BASE_DOC: dict[str, Any] = {
     "name": "prop",
@@ -732,10 +727,6 @@ def load_or_usage_error(text: str, overrides: list[str] | None = None) -> None:
     except UsageError as exc:
         assert str(exc).startswith("prop.yaml: ") or "--set" in str(exc) or "simulator" in str(exc)
         assert len(str(exc).splitlines()) <= 1, str(exc)
-    except ValueError as exc:
-        # Known bug outside this module's reach (see test_simulator_with_empty_module_name_is_a_profile_error).
-        if str(exc) != "Empty module name":
-            raise
 
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -781,7 +772,7 @@ def test_random_overrides_load_or_fail_cleanly(overrides: list[str]) -> None:
     load_or_usage_error(yaml.safe_dump(BASE_DOC), overrides)
 
 
-# -- the real CLI on generated broken profiles ----------------------------------------------------------
+# -- the real CLI on generated broken profiles -----------------------------------------------------
 
 
 def _broken_profiles(count: int, seed: int) -> list[str]:

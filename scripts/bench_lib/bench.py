@@ -348,7 +348,7 @@ class Bench:
 
     # harness ------------------------------------------------------------------------------------
     def harness(self, name: str, users: int, duration: float, think: str, connections: int,
-                timeout: float) -> tuple[dict[str, Any], ToolRun]:
+                timeout: float, spawn_rate: float | None = None) -> tuple[dict[str, Any], ToolRun]:
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
         profile = folder / "profile.yaml"
@@ -361,7 +361,8 @@ class Bench:
                     "seed: 1",
                     f'targets: {{nginx: {{url: "{self.nginx.url}"}}}}',
                     "groups:",
-                    f"  load: {{simulator: http, users: {users}, processes: 1, think_time: {think},",
+                    f"  load: {{simulator: http, users: {users}, processes: 1, think_time: {think},"
+                    + (f" spawn_rate: {spawn_rate:g}," if spawn_rate else ""),
                     f"         options: {{connections: {connections}, requests: [{{name: ok, url: /}}]}}}}",
                     "",
                 ]
@@ -410,7 +411,7 @@ class Bench:
         # one request per user at start (through a pool of 100 connections), then an hour of think time
         duration = self.args.idle_duration
         summary, run = self.harness(f"harness-idle-{users}", users, duration, "1h", 100,
-                                    timeout=duration + 180)
+                                    timeout=duration + 180, spawn_rate=self.args.idle_spawn_rate)
         health = summary.get("health", {})
         rss = int(health.get("rss_max_bytes") or 0)
         if not rss:
@@ -689,7 +690,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds of the harness idle-memory run (default 40)")
     parser.add_argument("--locust-idle-users", type=int, default=None, help="default 10000")
     parser.add_argument("--k6-idle-users", type=int, default=None, help="default 1000")
+    parser.add_argument("--idle-spawn-rate", type=float, default=None,
+                        help="spawn_rate of the harness idle run (default unset: all users within a second, "
+                        "so their first requests queue on the 100-connection pool at once: the worst case)")
     parser.add_argument("--skip-idle", action="store_true", help="no idle-memory measurements")
+    parser.add_argument("--skip-rps", action="store_true", help="no requests/s measurements")
     parser.add_argument("--skip-competitor-idle", action="store_true",
                         help="measure idle memory for harness only; show the issue's reference figures "
                         "for Locust and k6")
@@ -756,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx.start()
         say(f"[bench] nginx on {nginx.url} (cpu {args.server_cpu}); generators on cpu {args.gen_cpu}")
         steps = {"harness": bench.harness_rps, "locust": bench.locust_rps, "k6": bench.k6_rps}
-        for users in args.users:
+        for users in [] if args.skip_rps else args.users:
             for tool in args.tools:
                 say(f"[bench] {tool}: {users} users, {args.duration:g}s")
                 try:
@@ -801,6 +806,7 @@ def measure_idle(args: argparse.Namespace, bench: Bench, data: dict[str, Any], s
                      else base["rss_bytes"] + each * IDLE_TARGET_USERS}
             if big["users_max"] and big["users_max"] < big["users"]:
                 entry["note"] = f"only {big['users_max']} users reached"
+            entry["spawn_rate"] = args.idle_spawn_rate
             data["idle"]["harness"] = entry
         except BenchError as exc:
             data["errors"].append(f"harness idle memory: {exc}")

@@ -59,3 +59,37 @@ class BadSetup(Simulator):
 
     async def iteration(self, user: User) -> None:  # pragma: no cover - never reached
         pass
+
+
+class Sleeper(Simulator):
+    """Iterations that take far longer than any grace period."""
+
+    name = "sleeper"
+
+    async def iteration(self, user: User) -> None:
+        async with self.metrics.timer("nap", kind="test"):
+            await asyncio.sleep(30)
+
+
+class FreezeOnce(Simulator):
+    """Blocks its worker's event loop for good on the first iteration of user 0: no more heartbeats."""
+
+    name = "freeze-once"
+
+    async def iteration(self, user: User) -> None:
+        async with self.metrics.timer("op", kind="test"):
+            await asyncio.sleep(0.01)
+        if user.id == 0 and user.iterations == 20 and self.ctx.worker_index == 0 and not _restarted():
+            time.sleep(600)
+
+
+def _restarted() -> bool:
+    import os
+
+    # the first process of this worker slot leaves a marker; its replacement sees it and does not freeze
+    marker = os.path.join(os.environ.get("FREEZE_MARKER_DIR", "/tmp"), "froze-once")
+    if os.path.exists(marker):
+        return True
+    with open(marker, "w") as f:
+        f.write("1")
+    return False

@@ -30,8 +30,12 @@ Tick = dict[str, Any]
 class Collector:
     """Merges worker batches and writes them once a second."""
 
-    def __init__(self, store: Store, run_id: str, started_at: float, duration: float) -> None:
+    def __init__(
+        self, store: Store, run_id: str, started_at: float, duration: float, secrets: set[str] | None = None
+    ) -> None:
         self.store = store
+        self.secrets = sorted(secrets or (), key=len, reverse=True)
+        """Values that must never be written: replaced with *** in error messages, logs and events."""
         self.run_id = run_id
         self.started_at = started_at
         self.duration = duration
@@ -108,7 +112,7 @@ class Collector:
             if kind == "event":
                 events.append(item)
             elif kind == "log":
-                logs.append(item)
+                logs.append({**item, "message": self._redact(item["message"])})
             elif kind == "forget":
                 self._health.pop(item, None)
             else:
@@ -128,6 +132,13 @@ class Collector:
             totals[0] += w["count"]
             totals[1] += w["failures"]
             self._kinds[(group, name)] = w["kind"]
+        if self.secrets:
+            for entry in errors.values():
+                entry["message"] = self._redact(entry["message"])
+            for item in (*events, *datapoints):
+                for key in ("detail", "values"):
+                    if key in item:
+                        item[key] = self._redact_data(item[key])
         if any((windows, errors, metrics, datapoints, health, events, logs)):
             self.store.write_second(
                 self.run_id,
@@ -224,6 +235,20 @@ class Collector:
             health.append(row)
             self._health[f"{group}#{worker}"] = row
             self._dropped_total += int(h.get("dropped", 0))
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _redact_data(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {k: self._redact_data(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redact_data(v) for v in value]
+        return value
 
     def forget_worker(self, group: str, worker: int) -> None:
         """Drop a stopped worker from the live health view."""

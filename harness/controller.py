@@ -170,7 +170,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
             profile_json=json.dumps(loaded.raw, default=str),
         )
     )
-    collector = Collector(store, run_id, started_at, profile.duration)
+    collector = Collector(store, run_id, started_at, profile.duration, loaded.secrets)
     run_handler = _RunLogHandler(collector)
     run_handler.addFilter(secret_filter)
     root.addHandler(run_handler)

@@ -244,7 +244,9 @@ def test_secrets_never_reach_the_database_or_reports(tmp_path: Path) -> None:
                             "url": "/echo",
                             "body": "${API_TOKEN}",
                             "checks": {"contains": "nothing-like-this"},
-                        }
+                        },
+                        # a check on the secret itself puts it into the error message
+                        {"name": "secret-check", "url": "/", "checks": {"contains": "${API_TOKEN}"}},
                     ],
                 },
             }

@@ -12,11 +12,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import __version__
 from harness.durations import format_duration, parse_duration
 from harness.errors import EXIT_ABORTED, EXIT_BAD_INPUT, HarnessError, UsageError
+
+if TYPE_CHECKING:
+    from harness.store import Store
 
 log = logging.getLogger("harness")
 
@@ -250,15 +253,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    """`harness runs`."""
+def _open_store(db: Path | None) -> Store:
+    """An existing database, with runs left by dead controllers marked aborted."""
     from harness.store import Store, default_db_path
 
-    path = args.db or default_db_path()
+    path = db or default_db_path()
     if not Path(path).exists():
         raise UsageError(f"no database at {path}: run `harness start` first or pass --db")
     store = Store(path)
     store.recover_aborted()
+    return store
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """`harness runs`."""
+    store = _open_store(args.db)
     rows = store.list_runs(args.limit)
     store.close()
     if args.json:
@@ -290,13 +299,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """`harness show RUN`."""
     from harness.console import print_summary
     from harness.report import summarize
-    from harness.store import Store, default_db_path
-
-    path = args.db or default_db_path()
-    if not Path(path).exists():
-        raise UsageError(f"no database at {path}: run `harness start` first or pass --db")
-    store = Store(path)
-    store.recover_aborted()
+    store = _open_store(args.db)
     run = store.get_run(args.run_id)
     if run is None:
         raise UsageError(f"no run matches {args.run_id!r} (see `harness runs`)")

@@ -27,7 +27,7 @@ from harness.errors import EXIT_ABORTED, EXIT_PASSED, EXIT_THRESHOLDS_FAILED, Ta
 from harness.profile import LoadedProfile
 from harness.report import summarize, write_summary
 from harness.store import Run, Store
-from harness.supervisor import Supervisor
+from harness.supervisor import Supervisor, prepare_forkserver
 from harness.targets import get_target
 from harness.targets.runner import EmbeddedTarget, check_url
 from harness.thresholds import evaluate_all
@@ -149,6 +149,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     for handler in root.handlers:
         handler.addFilter(secret_filter)
 
+    prepare_forkserver(loaded)
     targets, embedded = start_targets(loaded)
     # a kind name check for embedded targets happened in start_targets; keep the list for the panel
     _ = [get_target(ref.kind or name) for name, ref in profile.targets.items() if ref.embedded]

@@ -22,6 +22,7 @@ from typing import Any, cast
 from harness.collector import Collector
 from harness.errors import WorkerBootError
 from harness.profile import Group, LoadedProfile
+from harness.simulator import registered_simulators
 from harness.store import Store
 from harness.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
@@ -68,6 +69,17 @@ class _GroupState:
     last_scaled_event: float = 0.0
     last_reported: float = -1.0
     manual: float | None = None
+
+
+def prepare_forkserver(loaded: LoadedProfile) -> None:
+    """Import the worker and the profile's simulators once in the forkserver, not in every worker."""
+    modules = ["harness.worker", "harness.targets.runner"]
+    for group in loaded.profile.groups.values():
+        spec = registered_simulators().get(group.simulator) or group.simulator
+        module = spec.partition(":")[0]
+        if module and module not in modules:
+            modules.append(module)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
 
 
 class Supervisor:

@@ -209,8 +209,9 @@ def run_tool(
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True
+        )
     sampler = Sampler(proc.pid)
     sampler.start()
     try:
@@ -219,8 +220,10 @@ def run_tool(
             now = time.monotonic()
             if now > deadline:
                 kill_group(proc)
-                raise BenchError(f"{Path(cmd[0]).name if not cmd[0] == 'taskset' else cmd[3]} timed out "
-                                 f"after {timeout:.0f}s (log: {log})")
+                raise BenchError(
+                    f"{Path(cmd[0]).name if cmd[0] != 'taskset' else cmd[3]} timed out "
+                    f"after {timeout:.0f}s (log: {log})"
+                )
             if stop_when_flat is not None and _flat(sampler, started, *stop_when_flat):
                 kill_group(proc, grace=15.0, first=signal.SIGINT)
                 break
@@ -232,8 +235,9 @@ def run_tool(
     finally:
         sampler.stop()
     kill_group(proc, grace=1.0)  # the group may still hold children of the tool
-    return ToolRun(proc.returncode if proc.returncode is not None else -9, ended - started, started, ended,
-                   sampler, log)
+    return ToolRun(
+        proc.returncode if proc.returncode is not None else -9, ended - started, started, ended, sampler, log
+    )
 
 
 def _flat(sampler: Sampler, started: float, min_s: float, max_s: float) -> bool:
@@ -285,9 +289,19 @@ class Nginx:
             err = self.prefix / "logs" / "stderr.log"
             with err.open("wb") as out:
                 self.proc = subprocess.Popen(
-                    [*pin(self.cpu), self.binary, "-c", str(conf_path), "-p", str(self.prefix),
-                     "-e", str(self.prefix / "logs" / "error.log")],
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    [
+                        *pin(self.cpu),
+                        self.binary,
+                        "-c",
+                        str(conf_path),
+                        "-p",
+                        str(self.prefix),
+                        "-e",
+                        str(self.prefix / "logs" / "error.log"),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -296,7 +310,7 @@ class Nginx:
                     self.sampler.start()
                     return
                 time.sleep(0.05)
-            log = (self.prefix / "logs" / "error.log")
+            log = self.prefix / "logs" / "error.log"
             text = log.read_text(errors="replace") if log.exists() else err.read_text(errors="replace")
             self.stop()
             if "Address already in use" in text and attempt < 4:
@@ -347,8 +361,16 @@ class Bench:
         return self.nginx.sampler.cpu_percent(t0, t1) if t1 > t0 else None
 
     # harness ------------------------------------------------------------------------------------
-    def harness(self, name: str, users: int, duration: float, think: str, connections: int,
-                timeout: float, spawn_rate: float | None = None) -> tuple[dict[str, Any], ToolRun]:
+    def harness(
+        self,
+        name: str,
+        users: int,
+        duration: float,
+        think: str,
+        connections: int,
+        timeout: float,
+        spawn_rate: float | None = None,
+    ) -> tuple[dict[str, Any], ToolRun]:
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
         profile = folder / "profile.yaml"
@@ -369,22 +391,49 @@ class Bench:
             )
         )
         report = folder / "report"
-        cmd = [*pin(self.args.gen_cpu), str(PYTHON), "-m", "harness", "--log-level", "WARNING", "start",
-               "--profile", str(profile), "--headless", "--quiet", "--db", str(folder / "harness.db"),
-               "--report-dir", str(report)]
-        run = run_tool(cmd, folder / "harness.log", timeout=timeout, cwd=folder,
-                       env={"HARNESS_DB": str(folder / "harness.db")})
+        cmd = [
+            *pin(self.args.gen_cpu),
+            str(PYTHON),
+            "-m",
+            "harness",
+            "--log-level",
+            "WARNING",
+            "start",
+            "--profile",
+            str(profile),
+            "--headless",
+            "--quiet",
+            "--db",
+            str(folder / "harness.db"),
+            "--report-dir",
+            str(report),
+        ]
+        run = run_tool(
+            cmd,
+            folder / "harness.log",
+            timeout=timeout,
+            cwd=folder,
+            env={"HARNESS_DB": str(folder / "harness.db")},
+        )
         summary_path = report / "summary.json"
         if run.code not in (0, 1) or not summary_path.exists():
-            raise BenchError(f"harness exited {run.code} ({'no' if not summary_path.exists() else 'with'} "
-                             f"summary.json); last lines of {run.log}:\n{run.tail()}")
+            raise BenchError(
+                f"harness exited {run.code} ({'no' if not summary_path.exists() else 'with'} "
+                f"summary.json); last lines of {run.log}:\n{run.tail()}"
+            )
         summary = json.loads(summary_path.read_text())
         return summary, run
 
     def harness_rps(self, users: int) -> Result:
         result = Result("harness http", users)
-        summary, run = self.harness(f"harness-rps-{users}", users, self.args.duration, "0",
-                                    max(users, 10), timeout=self.args.duration + 90)
+        summary, run = self.harness(
+            f"harness-rps-{users}",
+            users,
+            self.args.duration,
+            "0",
+            max(users, 10),
+            timeout=self.args.duration + 90,
+        )
         totals = summary.get("totals", {})
         health = summary.get("health", {})
         # summary.json's rps divides by the whole run (worker boot and stop included, ~1 s); Locust and
@@ -392,8 +441,9 @@ class Bench:
         result.summary_rps = float(totals.get("rps") or 0.0)
         steady = steady_rps(self.work / f"harness-rps-{users}" / "harness.db", summary.get("run_id"))
         result.rps = steady if steady is not None else result.summary_rps
-        result.notes.append(f"summary.json rps {result.summary_rps:,.0f}" + ("" if steady is not None
-                                                                           else " (used: <3 s of windows)"))
+        result.notes.append(
+            f"summary rps {result.summary_rps:,.0f}" + ("" if steady is not None else " (used)")
+        )
         result.requests = int(totals.get("requests") or 0)
         result.failures = int(totals.get("failures") or 0)
         result.p50_ms = totals.get("p50_ms")
@@ -401,8 +451,6 @@ class Bench:
         result.gen_cpu = run.mid_cpu()
         result.nginx_cpu = self._nginx_cpu(run)
         result.rss_bytes = int(health.get("rss_max_bytes") or run.sampler.rss_peak_one)
-        if health.get("cpu_max") is not None:
-            result.notes.append(f"worker cpu max {health['cpu_max']:.0f}%")
         if result.failures:
             result.notes.append(f"{result.failures} failures")
         return result
@@ -410,24 +458,54 @@ class Bench:
     def harness_idle(self, users: int) -> dict[str, Any]:
         # one request per user at start (through a pool of 100 connections), then an hour of think time
         duration = self.args.idle_duration
-        summary, run = self.harness(f"harness-idle-{users}", users, duration, "1h", 100,
-                                    timeout=duration + 180, spawn_rate=self.args.idle_spawn_rate)
+        summary, run = self.harness(
+            f"harness-idle-{users}",
+            users,
+            duration,
+            "1h",
+            100,
+            timeout=duration + 180,
+            spawn_rate=self.args.idle_spawn_rate,
+        )
         health = summary.get("health", {})
         rss = int(health.get("rss_max_bytes") or 0)
         if not rss:
             raise BenchError(f"harness idle run with {users} users reported no worker RSS")
         totals = summary.get("totals", {})
         users_max = max((g.get("users_max", 0) for g in (summary.get("groups") or {}).values()), default=0)
-        return {"users": users, "rss_bytes": rss, "requests": int(totals.get("requests") or 0),
-                "failures": int(totals.get("failures") or 0), "users_max": users_max,
-                "tree_rss_peak_bytes": run.sampler.rss_peak_sum, "cpu_max": health.get("cpu_max"),
-                "duration_s": duration}
+        return {
+            "users": users,
+            "rss_bytes": rss,
+            "requests": int(totals.get("requests") or 0),
+            "failures": int(totals.get("failures") or 0),
+            "users_max": users_max,
+            "tree_rss_peak_bytes": run.sampler.rss_peak_sum,
+            "cpu_max": health.get("cpu_max"),
+            "duration_s": duration,
+        }
 
     # locust -------------------------------------------------------------------------------------
     def locust_cmd(self, users: int, duration: str, csv_prefix: Path | None) -> list[str]:
-        cmd = [*pin(self.args.gen_cpu), str(VENV_BIN / "locust"), "-f", str(LIB / "locustfile.py"),
-               "--headless", "-u", str(users), "-r", str(users), "-t", duration, "-H", self.nginx.url,
-               "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "0"]
+        cmd = [
+            *pin(self.args.gen_cpu),
+            str(VENV_BIN / "locust"),
+            "-f",
+            str(LIB / "locustfile.py"),
+            "--headless",
+            "-u",
+            str(users),
+            "-r",
+            str(users),
+            "-t",
+            duration,
+            "-H",
+            self.nginx.url,
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+            "--stop-timeout",
+            "0",
+        ]
         if csv_prefix is not None:
             cmd += ["--csv", str(csv_prefix)]
         return cmd
@@ -437,8 +515,13 @@ class Bench:
         folder = self.work / f"locust-rps-{users}"
         folder.mkdir(parents=True, exist_ok=True)
         prefix = folder / "stats"
-        run = run_tool(self.locust_cmd(users, f"{self.args.duration:g}s", prefix), folder / "locust.log",
-                       env={"BENCH_WAIT": "0"}, timeout=self.args.duration + 60, cwd=folder)
+        run = run_tool(
+            self.locust_cmd(users, f"{self.args.duration:g}s", prefix),
+            folder / "locust.log",
+            env={"BENCH_WAIT": "0"},
+            timeout=self.args.duration + 60,
+            cwd=folder,
+        )
         stats = folder / "stats_stats.csv"
         if not stats.exists():
             raise BenchError(f"locust exited {run.code} without {stats.name}; last lines:\n{run.tail()}")
@@ -451,7 +534,7 @@ class Bench:
         result.requests = int(row["Request Count"])
         result.failures = int(row["Failure Count"])
         result.p50_ms = _num(row.get("50%") or row.get("Median Response Time"))
-        result.notes.append("p50 rounded to whole ms by Locust")
+        result.notes.append("p50 in whole ms")
         result.mean_ms = _num(row.get("Average Response Time"))
         result.gen_cpu = run.mid_cpu()
         result.nginx_cpu = self._nginx_cpu(run)
@@ -465,8 +548,14 @@ class Bench:
     def locust_idle(self, users: int) -> dict[str, Any]:
         folder = self.work / f"locust-idle-{users}"
         folder.mkdir(parents=True, exist_ok=True)
-        run = run_tool(self.locust_cmd(users, "10m", None), folder / "locust.log",
-                       env={"BENCH_WAIT": "3600"}, timeout=240, cwd=folder, stop_when_flat=(8.0, 90.0))
+        run = run_tool(
+            self.locust_cmd(users, "10m", None),
+            folder / "locust.log",
+            env={"BENCH_WAIT": "3600"},
+            timeout=240,
+            cwd=folder,
+            stop_when_flat=(8.0, 90.0),
+        )
         rss = run.sampler.rss_peak_one
         if not rss:
             raise BenchError(f"could not read locust's RSS; last lines:\n{run.tail()}")
@@ -474,18 +563,35 @@ class Bench:
 
     # k6 -----------------------------------------------------------------------------------------
     def k6_env(self, pause: float) -> dict[str, str]:
-        return {"K6_NO_USAGE_REPORT": "true", "GOMAXPROCS": "1", "BENCH_URL": self.nginx.url + "/",
-                "BENCH_SLEEP": f"{pause:g}"}
+        return {
+            "K6_NO_USAGE_REPORT": "true",
+            "GOMAXPROCS": "1",
+            "BENCH_URL": self.nginx.url + "/",
+            "BENCH_SLEEP": f"{pause:g}",
+        }
 
     def k6_rps(self, users: int) -> Result:
         result = Result("k6", users)
         folder = self.work / f"k6-rps-{users}"
         folder.mkdir(parents=True, exist_ok=True)
         export = folder / "summary.json"
-        cmd = [*pin(self.args.gen_cpu), str(VENV_BIN / "k6"), "run", "--no-usage-report", "--quiet",
-               "--vus", str(users), "--duration", f"{self.args.duration:g}s", "--summary-export", str(export),
-               str(LIB / "k6.js")]
-        run = run_tool(cmd, folder / "k6.log", env=self.k6_env(0), timeout=self.args.duration + 60, cwd=folder)
+        cmd = [
+            *pin(self.args.gen_cpu),
+            str(VENV_BIN / "k6"),
+            "run",
+            "--no-usage-report",
+            "--quiet",
+            "--vus",
+            str(users),
+            "--duration",
+            f"{self.args.duration:g}s",
+            "--summary-export",
+            str(export),
+            str(LIB / "k6.js"),
+        ]
+        run = run_tool(
+            cmd, folder / "k6.log", env=self.k6_env(0), timeout=self.args.duration + 60, cwd=folder
+        )
         if not export.exists():
             raise BenchError(f"k6 exited {run.code} without a summary export; last lines:\n{run.tail()}")
         metrics = json.loads(export.read_text()).get("metrics", {})
@@ -509,10 +615,21 @@ class Bench:
     def k6_idle(self, users: int) -> dict[str, Any]:
         folder = self.work / f"k6-idle-{users}"
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [*pin(self.args.gen_cpu), str(VENV_BIN / "k6"), "run", "--no-usage-report", "--quiet",
-               "--vus", str(users), "--duration", "10m", str(LIB / "k6.js")]
-        run = run_tool(cmd, folder / "k6.log", env=self.k6_env(3600), timeout=240, cwd=folder,
-                       stop_when_flat=(8.0, 90.0))
+        cmd = [
+            *pin(self.args.gen_cpu),
+            str(VENV_BIN / "k6"),
+            "run",
+            "--no-usage-report",
+            "--quiet",
+            "--vus",
+            str(users),
+            "--duration",
+            "10m",
+            str(LIB / "k6.js"),
+        ]
+        run = run_tool(
+            cmd, folder / "k6.log", env=self.k6_env(3600), timeout=240, cwd=folder, stop_when_flat=(8.0, 90.0)
+        )
         rss = run.sampler.rss_peak_one
         if not rss:
             raise BenchError(f"could not read k6's RSS; last lines:\n{run.tail()}")
@@ -527,7 +644,8 @@ def steady_rps(db: Path, run_id: str | None) -> float | None:
 
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         rows = conn.execute(
-            "SELECT t, SUM(count) FROM window WHERE run_id=? AND kind != 'error' GROUP BY t ORDER BY t", (run_id,)
+            "SELECT t, SUM(count) FROM window WHERE run_id=? AND kind != 'error' GROUP BY t ORDER BY t",
+            (run_id,),
         ).fetchall()
     counts = [int(c) for t, c in rows]
     if len(rows) < 3 or rows[-1][0] - rows[0][0] != len(rows) - 1:
@@ -553,8 +671,9 @@ def per_user(big: dict[str, Any], base: dict[str, Any]) -> float:
 
 def ensure_tools(say: Any) -> str:
     """The nginx binary; installs nginx-light / the bench extra if they are missing."""
-    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                           if os.access(p, os.X_OK)), None)
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
     if nginx is None:
         if shutil.which("apt-get") is None:
             raise SetupError("nginx is not installed and apt-get is not available: install nginx")
@@ -580,8 +699,13 @@ def ensure_tools(say: Any) -> str:
 def versions(nginx: str) -> dict[str, str]:
     def out(cmd: list[str]) -> str:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
-                                  env={**os.environ, "K6_NO_USAGE_REPORT": "true"})
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
+            )
             return (proc.stdout + proc.stderr).strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             return "?"
@@ -596,7 +720,7 @@ def versions(nginx: str) -> dict[str, str]:
 
 
 def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -620,44 +744,84 @@ def render(data: dict[str, Any]) -> None:
         f"({env['cpus']} cpus, load avg {env['loadavg'][0]:.2f})  {env['duration_s']:g}s per run"
     )
     console.print("  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items()))
-    table = Table(title="Requests/s on one core against nginx (keep-alive, no think time)", box=box.SIMPLE_HEAD,
-                  caption="rps: harness = mean of the run's full seconds (from its windows); Locust = "
-                  "Aggregated Requests/s; k6 = http_reqs rate. CPU: mid-run mean of the whole process tree.")
-    for col, justify in (("tool", "left"), ("users", "right"), ("rps (1 core)", "right"), ("p50 ms", "right"),
-                         ("mean ms", "right"), ("gen CPU", "right"), ("nginx CPU", "right"),
-                         ("gen RSS MB", "right"), ("vs Locust Fast", "right"), ("notes", "left")):
+    table = Table(
+        title="Requests/s on one core against nginx (keep-alive, no think time)",
+        box=box.SIMPLE_HEAD,
+        caption="rps: harness = mean of the run's full seconds (from its windows); Locust = "
+        "Aggregated Requests/s; k6 = http_reqs rate. CPU: mid-run mean of the whole process tree.",
+    )
+    for col, justify in (
+        ("tool", "left"),
+        ("users", "right"),
+        ("rps (1 core)", "right"),
+        ("p50 ms", "right"),
+        ("mean ms", "right"),
+        ("gen CPU", "right"),
+        ("nginx CPU", "right"),
+        ("gen RSS MB", "right"),
+        ("vs Locust Fast", "right"),
+        ("notes", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in data["rps"]:
         if r["error"]:
-            table.add_row(r["tool"], str(r["users"]), "[red]ERROR[/]", "", "", "", "", "", "", "see errors below")
+            table.add_row(
+                r["tool"], str(r["users"]), "[red]ERROR[/]", "", "", "", "", "", "", "see errors below"
+            )
             continue
         table.add_row(
-            r["tool"], str(r["users"]), _f(r["rps"]), _f(r["p50_ms"], "{:.2f}"), _f(r["mean_ms"], "{:.2f}"),
-            _f(r["gen_cpu"], "{:.0f}%"), _f(r["nginx_cpu"], "{:.0f}%"), _f(r["rss_bytes"] / MIB, "{:.0f}"),
-            _f(r["ratio"], "{:.2f}×"), "; ".join(r["notes"]),
+            r["tool"],
+            str(r["users"]),
+            _f(r["rps"]),
+            _f(r["p50_ms"], "{:.2f}"),
+            _f(r["mean_ms"], "{:.2f}"),
+            _f(r["gen_cpu"], "{:.0f}%"),
+            _f(r["nginx_cpu"], "{:.0f}%"),
+            _f(r["rss_bytes"] / MIB, "{:.0f}"),
+            _f(r["ratio"], "{:.2f}×"),
+            "; ".join(r["notes"]),
         )
     console.print(table)
 
     idle = data.get("idle") or {}
     if idle:
-        t2 = Table(title="Memory per idle virtual user (peak RSS of one process, minus a 1-user baseline)",
-                   box=box.SIMPLE_HEAD)
-        for col, justify in (("tool", "left"), ("users", "right"), ("RSS MB", "right"),
-                             ("baseline MB", "right"), ("KB per user", "right"), ("100k users MB", "right"),
-                             ("source", "left")):
+        t2 = Table(
+            title="Memory per idle virtual user (peak RSS of one process, minus a 1-user baseline)",
+            box=box.SIMPLE_HEAD,
+        )
+        for col, justify in (
+            ("tool", "left"),
+            ("users", "right"),
+            ("RSS MB", "right"),
+            ("baseline MB", "right"),
+            ("KB per user", "right"),
+            ("100k users MB", "right"),
+            ("source", "left"),
+        ):
             t2.add_column(col, justify=justify)  # type: ignore[arg-type]
         for tool, entry in idle.items():
             if entry.get("error"):
                 t2.add_row(tool, "", "[red]ERROR[/]", "", "", "", "see errors below")
             elif entry.get("reference"):
-                t2.add_row(tool, "", "", "", _f(entry["kb_per_user"], "{:.0f}"),
-                           _f(entry["kb_per_user"] * IDLE_TARGET_USERS / 1024, "{:,.0f}"),
-                           "[yellow]reference (issue), not measured[/]")
+                t2.add_row(
+                    tool,
+                    "",
+                    "",
+                    "",
+                    _f(entry["kb_per_user"], "{:.0f}"),
+                    _f(entry["kb_per_user"] * IDLE_TARGET_USERS / 1024, "{:,.0f}"),
+                    "[yellow]reference (issue), not measured[/]",
+                )
             else:
-                t2.add_row(tool, f"{entry['users']:,}", _f(entry["rss_bytes"] / MIB, "{:,.0f}"),
-                           _f(entry["baseline_rss_bytes"] / MIB, "{:.0f}"), _f(entry["kb_per_user"], "{:.1f}"),
-                           _f(entry["rss_100k_bytes"] / MIB, "{:,.0f}"),
-                           "measured" if entry["users"] >= IDLE_TARGET_USERS else "measured, 100k projected")
+                t2.add_row(
+                    tool,
+                    f"{entry['users']:,}",
+                    _f(entry["rss_bytes"] / MIB, "{:,.0f}"),
+                    _f(entry["baseline_rss_bytes"] / MIB, "{:.0f}"),
+                    _f(entry["kb_per_user"], "{:.1f}"),
+                    _f(entry["rss_100k_bytes"] / MIB, "{:,.0f}"),
+                    "measured" if entry["users"] >= IDLE_TARGET_USERS else "measured, 100k projected",
+                )
         console.print(t2)
 
     console.print("[bold]Targets[/]")
@@ -682,30 +846,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="exit codes: 0 measured (targets may be MISSED), 1 a measurement failed, 2 setup/flags",
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per load test (default 10)")
-    parser.add_argument("--users", default=None,
-                        help="virtual users per load test; a comma list runs each (default 10)")
-    parser.add_argument("--idle-users", type=int, default=None,
-                        help="harness users in the idle-memory run (default 100000)")
-    parser.add_argument("--idle-duration", type=float, default=None,
-                        help="seconds of the harness idle-memory run (default 40)")
+    parser.add_argument(
+        "--users", default=None, help="virtual users per load test; a comma list runs each (default 10)"
+    )
+    parser.add_argument(
+        "--idle-users", type=int, default=None, help="harness users in the idle-memory run (default 100000)"
+    )
+    parser.add_argument(
+        "--idle-duration",
+        type=float,
+        default=None,
+        help="seconds of the harness idle-memory run (default 40)",
+    )
     parser.add_argument("--locust-idle-users", type=int, default=None, help="default 10000")
     parser.add_argument("--k6-idle-users", type=int, default=None, help="default 1000")
-    parser.add_argument("--idle-spawn-rate", type=float, default=None,
-                        help="spawn_rate of the harness idle run (default unset: all users within a second, "
-                        "so their first requests queue on the 100-connection pool at once: the worst case)")
+    parser.add_argument(
+        "--idle-spawn-rate",
+        type=float,
+        default=None,
+        help="spawn_rate of the harness idle run (default unset: all users within a second, "
+        "so their first requests queue on the 100-connection pool at once: the worst case)",
+    )
     parser.add_argument("--skip-idle", action="store_true", help="no idle-memory measurements")
     parser.add_argument("--skip-rps", action="store_true", help="no requests/s measurements")
-    parser.add_argument("--skip-competitor-idle", action="store_true",
-                        help="measure idle memory for harness only; show the issue's reference figures "
-                        "for Locust and k6")
-    parser.add_argument("--tools", default="harness,locust,k6",
-                        help="which generators to run (default harness,locust,k6)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a fast check: 3 s runs, 2000 idle users, competitors' idle memory not measured")
+    parser.add_argument(
+        "--skip-competitor-idle",
+        action="store_true",
+        help="measure idle memory for harness only; show the issue's reference figures for Locust and k6",
+    )
+    parser.add_argument(
+        "--tools", default="harness,locust,k6", help="which generators to run (default harness,locust,k6)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast check: 3 s runs, 2000 idle users, competitors' idle memory not measured",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--server-cpu", type=int, default=None, help="core for nginx (default: first allowed)")
-    parser.add_argument("--gen-cpu", type=int, default=None,
-                        help="core for the load generators (default: second allowed)")
+    parser.add_argument(
+        "--server-cpu", type=int, default=None, help="core for nginx (default: first allowed)"
+    )
+    parser.add_argument(
+        "--gen-cpu", type=int, default=None, help="core for the load generators (default: second allowed)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, summaries)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -716,7 +899,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--users takes integers, e.g. 10 or 10,50")
     if not args.users or min(args.users) < 1:
         parser.error("--users must be >= 1")
-    args.idle_users = args.idle_users if args.idle_users is not None else (2000 if quick else IDLE_TARGET_USERS)
+    args.idle_users = (
+        args.idle_users if args.idle_users is not None else (2000 if quick else IDLE_TARGET_USERS)
+    )
     args.idle_duration = args.idle_duration if args.idle_duration is not None else (8.0 if quick else 40.0)
     args.locust_idle_users = args.locust_idle_users or 10_000
     args.k6_idle_users = args.k6_idle_users or 1000
@@ -751,10 +936,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="harness-bench-"))
     nginx = Nginx(nginx_bin, work / "nginx", args.server_cpu)
     data: dict[str, Any] = {
-        "env": {"cpus": len(os.sched_getaffinity(0)), "server_cpu": args.server_cpu, "gen_cpu": args.gen_cpu,
-                "loadavg": list(os.getloadavg()), "duration_s": args.duration, "versions": versions(nginx_bin),
-                "work_dir": str(work) if args.keep else None},
-        "rps": [], "idle": {}, "targets": [], "errors": [],
+        "env": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "server_cpu": args.server_cpu,
+            "gen_cpu": args.gen_cpu,
+            "loadavg": list(os.getloadavg()),
+            "duration_s": args.duration,
+            "versions": versions(nginx_bin),
+            "work_dir": str(work) if args.keep else None,
+        },
+        "rps": [],
+        "idle": {},
+        "targets": [],
+        "errors": [],
     }
     bench = Bench(args, work, nginx)
     try:
@@ -770,8 +964,17 @@ def main(argv: list[str] | None = None) -> int:
                     data["errors"].append(f"{tool} ({users} users): {exc}")
                     data["rps"].append(vars(Result(tool, users, error=str(exc).splitlines()[0])))
         for users in args.users:
-            locust = next((r for r in data["rps"] if r["tool"].startswith("locust") and r["users"] == users
-                           and not r["error"] and r["rps"] > 0), None)
+            locust = next(
+                (
+                    r
+                    for r in data["rps"]
+                    if r["tool"].startswith("locust")
+                    and r["users"] == users
+                    and not r["error"]
+                    and r["rps"] > 0
+                ),
+                None,
+            )
             for r in data["rps"]:
                 if r["users"] == users and locust is not None and not r["error"]:
                     r["ratio"] = r["rps"] / locust["rps"]
@@ -801,9 +1004,14 @@ def measure_idle(args: argparse.Namespace, bench: Bench, data: dict[str, Any], s
             say(f"[bench] harness idle memory: {args.idle_users:,} users, {args.idle_duration:g}s")
             big = bench.harness_idle(args.idle_users)
             each = per_user(big, base)
-            entry = {**big, "baseline_rss_bytes": base["rss_bytes"], "kb_per_user": each / 1024,
-                     "rss_100k_bytes": big["rss_bytes"] if big["users"] >= IDLE_TARGET_USERS
-                     else base["rss_bytes"] + each * IDLE_TARGET_USERS}
+            entry = {
+                **big,
+                "baseline_rss_bytes": base["rss_bytes"],
+                "kb_per_user": each / 1024,
+                "rss_100k_bytes": big["rss_bytes"]
+                if big["users"] >= IDLE_TARGET_USERS
+                else base["rss_bytes"] + each * IDLE_TARGET_USERS,
+            }
             if big["users_max"] and big["users_max"] < big["users"]:
                 entry["note"] = f"only {big['users_max']} users reached"
             entry["spawn_rate"] = args.idle_spawn_rate
@@ -811,8 +1019,10 @@ def measure_idle(args: argparse.Namespace, bench: Bench, data: dict[str, Any], s
         except BenchError as exc:
             data["errors"].append(f"harness idle memory: {exc}")
             data["idle"]["harness"] = {"error": str(exc).splitlines()[0]}
-    for tool, users, measure in (("locust", args.locust_idle_users, bench.locust_idle),
-                                 ("k6", args.k6_idle_users, bench.k6_idle)):
+    for tool, users, measure in (
+        ("locust", args.locust_idle_users, bench.locust_idle),
+        ("k6", args.k6_idle_users, bench.k6_idle),
+    ):
         if tool not in args.tools:
             continue
         name = "locust FastHttpUser" if tool == "locust" else "k6"
@@ -825,13 +1035,20 @@ def measure_idle(args: argparse.Namespace, bench: Bench, data: dict[str, Any], s
             say(f"[bench] {tool} idle memory: {users:,} users")
             big = measure(users)
             each = per_user(big, base)
-            data["idle"][name] = {**big, "baseline_rss_bytes": base["rss_bytes"], "kb_per_user": each / 1024,
-                                  "rss_100k_bytes": base["rss_bytes"] + each * IDLE_TARGET_USERS}
+            data["idle"][name] = {
+                **big,
+                "baseline_rss_bytes": base["rss_bytes"],
+                "kb_per_user": each / 1024,
+                "rss_100k_bytes": base["rss_bytes"] + each * IDLE_TARGET_USERS,
+            }
         except BenchError as exc:
             # optional: fall back to the issue's figures, clearly labelled
             say(f"[bench] {tool} idle memory not measured: {str(exc).splitlines()[0]}")
-            data["idle"][name] = {"reference": True, "kb_per_user": REFERENCE_IDLE_KB[tool],
-                                  "error_measuring": str(exc).splitlines()[0]}
+            data["idle"][name] = {
+                "reference": True,
+                "kb_per_user": REFERENCE_IDLE_KB[tool],
+                "error_measuring": str(exc).splitlines()[0],
+            }
 
 
 def targets(data: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -839,24 +1056,50 @@ def targets(data: dict[str, Any], args: argparse.Namespace) -> list[dict[str, An
     ratios = [r["ratio"] for r in data["rps"] if r["tool"] == "harness http" and r["ratio"] is not None]
     if ratios:
         worst = min(ratios)
-        out.append({"name": f"harness ≥ {RPS_TARGET_RATIO:g}× Locust FastHttpUser requests/s per core",
-                    "value": worst, "met": worst >= RPS_TARGET_RATIO,
-                    "value_text": ", ".join(f"{r['ratio']:.2f}× at {r['users']} users" for r in data["rps"]
-                                            if r["tool"] == "harness http" and r["ratio"] is not None)})
+        out.append(
+            {
+                "name": f"harness ≥ {RPS_TARGET_RATIO:g}× Locust FastHttpUser requests/s per core",
+                "value": worst,
+                "met": worst >= RPS_TARGET_RATIO,
+                "value_text": ", ".join(
+                    f"{r['ratio']:.2f}× at {r['users']} users"
+                    for r in data["rps"]
+                    if r["tool"] == "harness http" and r["ratio"] is not None
+                ),
+            }
+        )
     else:
-        out.append({"name": "harness ≥ 2× Locust FastHttpUser requests/s per core", "value": None,
-                    "met": None, "value_text": "not measured"})
+        out.append(
+            {
+                "name": "harness ≥ 2× Locust FastHttpUser requests/s per core",
+                "value": None,
+                "met": None,
+                "value_text": "not measured",
+            }
+        )
     idle = (data.get("idle") or {}).get("harness")
     if idle and not idle.get("error"):
         value = idle["rss_100k_bytes"]
         how = "measured" if idle["users"] >= IDLE_TARGET_USERS else f"projected from {idle['users']:,} users"
         met = value <= IDLE_TARGET_BYTES and not idle.get("note")
-        out.append({"name": "100,000 idle users in one worker within 1 GiB", "value": value, "met": met,
-                    "value_text": f"{value / MIB:,.0f} MiB ({how}; {idle['kb_per_user']:.1f} KiB per user)"
-                    + (f"; {idle['note']}" if idle.get("note") else "")})
+        out.append(
+            {
+                "name": "100,000 idle users in one worker within 1 GiB",
+                "value": value,
+                "met": met,
+                "value_text": f"{value / MIB:,.0f} MiB ({how}; {idle['kb_per_user']:.1f} KiB per user)"
+                + (f"; {idle['note']}" if idle.get("note") else ""),
+            }
+        )
     elif not args.skip_idle:
-        out.append({"name": "100,000 idle users in one worker within 1 GiB", "value": None, "met": None,
-                    "value_text": "not measured"})
+        out.append(
+            {
+                "name": "100,000 idle users in one worker within 1 GiB",
+                "value": None,
+                "met": None,
+                "value_text": "not measured",
+            }
+        )
     return out
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,14 +110,18 @@ def _session(connections: int, timeout: bool = True, decompress: bool = True) ->
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector,
-                                 timeout=aiohttp.ClientTimeout(total=10 if timeout else None),
-                                 skip_auto_headers=("User-Agent",), headers={"User-Agent": "harness"},
-                                 auto_decompress=decompress)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=10 if timeout else None),
+        skip_auto_headers=("User-Agent",),
+        headers={"User-Agent": "harness"},
+        auto_decompress=decompress,
+    )
 
 
-async def v_aiohttp(url: str, users: int, seconds: float, counts: Counts, metrics: bool = False,
-                    tune: str = "") -> None:
+async def v_aiohttp(
+    url: str, users: int, seconds: float, counts: Counts, metrics: bool = False, tune: str = ""
+) -> None:
     """`tune`: letters — u: a prebuilt yarl.URL, t: no total timeout, d: auto_decompress off,
     h: pass the simulator's (empty) per-request headers dict as the simulator does."""
     import yarl
@@ -137,7 +142,9 @@ async def v_aiohttp(url: str, users: int, seconds: float, counts: Counts, metric
                 body = await response.read()
                 status = response.status
             if metrics:
-                m.request("ok", time.perf_counter() - start, kind="http", ok=status < 400, bytes_received=len(body))
+                m.request(
+                    "ok", time.perf_counter() - start, kind="http", ok=status < 400, bytes_received=len(body)
+                )
             counts.add()
             await asyncio.sleep(0)
 
@@ -152,12 +159,22 @@ async def v_sim(url: str, users: int, seconds: float, counts: Counts) -> None:
     from harness.simulator import SimulatorContext, User
     from simulators.http.simulator import HttpOptions, HttpSimulator
 
-    options = HttpOptions.model_validate({"base_url": url, "connections": max(users, 10),
-                                          "requests": [{"name": "ok", "url": "/"}]})
+    options = HttpOptions.model_validate(
+        {"base_url": url, "connections": max(users, 10), "requests": [{"name": "ok", "url": "/"}]}
+    )
     metrics = Metrics()
-    ctx = SimulatorContext(run_id="x", group="g", worker_index=0, workers=1, options=options, targets={},
-                           metrics=metrics, log=logging.getLogger("x"), rng=random.Random(1),
-                           run_dir=Path(tempfile.gettempdir()))
+    ctx = SimulatorContext(
+        run_id="x",
+        group="g",
+        worker_index=0,
+        workers=1,
+        options=options,
+        targets={},
+        metrics=metrics,
+        log=logging.getLogger("x"),
+        rng=random.Random(1),
+        run_dir=Path(tempfile.gettempdir()),
+    )
     sim = HttpSimulator(ctx)
     await sim.setup()
     loop = asyncio.get_running_loop()
@@ -230,7 +247,12 @@ async def v_fast(url: str, users: int, seconds: float, counts: Counts) -> None:
         start = time.perf_counter()
         conn = idle.pop() if idle else (await loop.create_connection(Conn, host, int(port)))[1]
         conn.waiter = fut = loop.create_future()
-        timer = loop.call_at(loop.time() + 10, lambda: fut.done() or fut.set_exception(TimeoutError()))
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+
+        timer = loop.call_at(loop.time() + 10, expire)
         conn.transport.write(request)
         try:
             status, _headers, body = await fut
@@ -271,10 +293,19 @@ def v_worker(url: str, users: int, seconds: float, counts: Counts, null: bool = 
     from harness.simulator import load_simulator
     from harness.worker import Worker, WorkerSpec
 
-    spec = WorkerSpec(run_id="x", group="load", index=0, workers=1, simulator="http",
-                      options={"connections": max(users, 10), "requests": [{"name": "ok", "url": "/"}]},
-                      mode="closed", targets={"nginx": url}, run_dir=tempfile.gettempdir(), seed=1,
-                      think_time={"type": "constant", "value": 0})
+    spec = WorkerSpec(
+        run_id="x",
+        group="load",
+        index=0,
+        workers=1,
+        simulator="http",
+        options={"connections": max(users, 10), "requests": [{"name": "ok", "url": "/"}]},
+        mode="closed",
+        targets={"nginx": url},
+        run_dir=tempfile.gettempdir(),
+        seed=1,
+        think_time={"type": "constant", "value": 0},
+    )
     sim_cls = load_simulator("http")
     options = sim_cls.Options.model_validate(spec.options)
     if null:  # the worker's own cost per iteration: a simulator whose iteration does nothing
@@ -319,23 +350,29 @@ def child(variant: str, url: str, users: int, seconds: float, profile_out: str |
     if variant in ("worker", "worker/null"):
         v_worker(url, users, seconds, counts, null=variant == "worker/null")
     else:
-        coro = {
+        factories: dict[str, Any] = {
             "raw": lambda: v_raw(url, users, seconds, counts),
             "fast": lambda: v_fast(url, users, seconds, counts),
             "loop/null": lambda: v_loop_null(url, users, seconds, counts),
             "aiohttp": lambda: v_aiohttp(url, users, seconds, counts),
             "+metrics": lambda: v_aiohttp(url, users, seconds, counts, metrics=True),
-            **{f"aiohttp/{t}": (lambda t=t: v_aiohttp(url, users, seconds, counts, tune=t))
-               for t in ("h", "u", "t", "d", "utd")},
+            **{
+                f"aiohttp/{t}": (lambda t=t: v_aiohttp(url, users, seconds, counts, tune=t))
+                for t in ("h", "u", "t", "d", "utd")
+            },
             "+sim": lambda: v_sim(url, users, seconds, counts),
-        }[variant]()
-        uvloop.run(coro)
-    if profiler:
+        }
+        uvloop.run(factories[variant]())
+    if profiler and profile_out:
         profiler.disable()
         profiler.dump_stats(profile_out)
     wall = time.monotonic() - t0
-    return {"variant": variant, "rps": counts.steady(), "requests": sum(counts.per_second.values()),
-            "cpu_pct": 100 * (time.process_time() - cpu0) / wall}
+    return {
+        "variant": variant,
+        "rps": counts.steady(),
+        "requests": sum(counts.per_second.values()),
+        "cpu_pct": 100 * (time.process_time() - cpu0) / wall,
+    }
 
 
 # -- driver --------------------------------------------------------------------------------------------
@@ -351,8 +388,11 @@ def microbench() -> dict[str, float]:
     h = new_histogram()
     n = 200_000
     out = {
-        "Metrics.request(ok)": timeit.timeit(lambda: m.request("ok", 0.0003, kind="http", bytes_received=3),
-                                             number=n) / n * 1e9,
+        "Metrics.request(ok)": timeit.timeit(
+            lambda: m.request("ok", 0.0003, kind="http", bytes_received=3), number=n
+        )
+        / n
+        * 1e9,
         "HdrHistogram.record_value": timeit.timeit(lambda: h.record_value(300), number=n) / n * 1e9,
         "time.time()+int (Metrics._second)": timeit.timeit(lambda: m._second(), number=n) / n * 1e9,
         "schedule_lag.get()": timeit.timeit(schedule_lag.get, number=n) / n * 1e9,
@@ -362,7 +402,9 @@ def microbench() -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -382,23 +424,35 @@ def main() -> int:
     server_cpu, gen_cpu = (allowed[0], allowed[1]) if len(allowed) >= 2 else (None, None)
     work = Path(tempfile.mkdtemp(prefix="harness-hotpath-"))
     nginx = bench.Nginx(nginx_bin, work / "nginx", server_cpu)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         nginx.start()
         url = nginx.url + "/"
-        runs = [(v, None) for v in args.variants.split(",")]
+        runs: list[tuple[str, str | None]] = [(v, None) for v in args.variants.split(",")]
         if args.profile:
             runs.append(("worker", str(work / "worker.prof")))
         for variant, prof in runs:
             if variant == "harness":
                 ns = argparse.Namespace(gen_cpu=gen_cpu, duration=args.seconds)
                 b = bench.Bench(ns, work, nginx)
-                r = b.harness_rps(args.users)
-                results.append({"variant": "harness", "rps": r.rps, "requests": r.requests,
-                                "cpu_pct": r.gen_cpu})
+                hr = b.harness_rps(args.users)
+                results.append(
+                    {"variant": "harness", "rps": hr.rps, "requests": hr.requests, "cpu_pct": hr.gen_cpu}
+                )
                 continue
-            cmd = [*bench.pin(gen_cpu), sys.executable, __file__, "--child", variant, "--url", url,
-                   "--users", str(args.users), "--seconds", str(args.seconds)]
+            cmd = [
+                *bench.pin(gen_cpu),
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--url",
+                url,
+                "--users",
+                str(args.users),
+                "--seconds",
+                str(args.seconds),
+            ]
             if prof:
                 cmd += ["--profile-out", prof]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + 60)
@@ -410,17 +464,28 @@ def main() -> int:
                 r["variant"] = "worker (under cProfile)"
             results.append(r)
             print(f"{r['variant']:<26} {r['rps']:>9,.0f} rps  cpu {r['cpu_pct']:.0f}%", file=sys.stderr)
-        micro = subprocess.run([*bench.pin(gen_cpu), sys.executable, "-c",
-                                "import sys, json; sys.path[:0] = sys.argv[1:]; import hotpath; "
-                                "print(json.dumps(hotpath.microbench()))",
-                                str(Path(__file__).parent), str(bench.ROOT)],
-                               capture_output=True, text=True, timeout=120)
+        micro = subprocess.run(
+            [
+                *bench.pin(gen_cpu),
+                sys.executable,
+                "-c",
+                "import sys, json; sys.path[:0] = sys.argv[1:]; import hotpath; "
+                "print(json.dumps(hotpath.microbench()))",
+                str(Path(__file__).parent),
+                str(bench.ROOT),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         nginx.stop()
     print(f"\n{'variant':<26} {'rps':>9}  {'µs/request':>10}  {'cpu':>5}")
     for r in results:
-        print(f"{r['variant']:<26} {r['rps']:>9,.0f}  {1e6 / r['rps'] if r['rps'] else 0:>10.1f}  "
-              f"{(r['cpu_pct'] or 0):>4.0f}%")
+        print(
+            f"{r['variant']:<26} {r['rps']:>9,.0f}  {1e6 / r['rps'] if r['rps'] else 0:>10.1f}  "
+            f"{(r['cpu_pct'] or 0):>4.0f}%"
+        )
     if micro.returncode == 0:
         print("\nmicrobenchmarks (ns per call):")
         for k, v in json.loads(micro.stdout).items():
@@ -432,6 +497,7 @@ def main() -> int:
             stats.sort_stats(key).print_stats(30)
             print(f"\ncProfile of the in-process worker, by {key}:")
             print("\n".join(buf.getvalue().splitlines()[:60]))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -299,6 +299,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """`harness show RUN`."""
     from harness.console import print_summary
     from harness.report import summarize
+
     store = _open_store(args.db)
     run = store.get_run(args.run_id)
     if run is None:

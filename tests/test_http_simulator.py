@@ -1,4 +1,5 @@
-"""The `http` simulator against the real embedded echo target, driven through the simulator API."""
+"""The `http` simulator against the real embedded echo target, driven through the simulator API,
+with both of its clients (the fast path and aiohttp)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from harness.errors import UsageError
 from harness.metrics import Metrics, decode_histogram
 from harness.simulator import SimulatorContext, User
 from harness.targets.runner import EmbeddedTarget
@@ -25,24 +27,34 @@ def echo() -> Iterator[str]:
         yield target.url
 
 
+def make_ctx(url: str, options: dict[str, Any], metrics: Metrics, seed: int = 1) -> SimulatorContext:
+    """A simulator context for one worker sending to the echo target at `url`."""
+    return SimulatorContext(
+        run_id="t",
+        group="g",
+        worker_index=0,
+        workers=1,
+        options=HttpOptions.model_validate(options),
+        targets={"echo": url},
+        metrics=metrics,
+        log=logging.getLogger("test"),
+        rng=random.Random(seed),
+        run_dir=Path("."),
+    )
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+def client(request: pytest.FixtureRequest) -> str:
+    """The simulator's `client` option."""
+    return str(request.param)
+
+
 def run_sim(url: str, options: dict[str, Any], iterations: int, seed: int = 1) -> dict[str, dict[str, Any]]:
     """Run `iterations` iterations of one user; returns the drained windows merged by name."""
     metrics = Metrics()
 
     async def main() -> None:
-        ctx = SimulatorContext(
-            run_id="t",
-            group="g",
-            worker_index=0,
-            workers=1,
-            options=HttpOptions.model_validate(options),
-            targets={"echo": url},
-            metrics=metrics,
-            log=logging.getLogger("test"),
-            rng=random.Random(seed),
-            run_dir=Path("."),
-        )
-        sim = HttpSimulator(ctx)
+        sim = HttpSimulator(make_ctx(url, options, metrics, seed))
         await sim.setup()
         user = User(0)
         try:
@@ -66,17 +78,23 @@ def run_sim(url: str, options: dict[str, Any], iterations: int, seed: int = 1) -
     return merged
 
 
-def test_weighted_choice_follows_weights(echo: str) -> None:
+def test_weighted_choice_follows_weights(echo: str, client: str) -> None:
     stats = run_sim(
-        echo, {"requests": [{"name": "a", "url": "/", "weight": 3}, {"name": "b", "url": "/json"}]}, 400
+        echo,
+        {
+            "client": client,
+            "requests": [{"name": "a", "url": "/", "weight": 3}, {"name": "b", "url": "/json"}],
+        },
+        400,
     )
     assert stats["a"]["count"] + stats["b"]["count"] == 400
     assert 0.65 < stats["a"]["count"] / 400 < 0.85
     assert stats["a"]["failures"] == stats["b"]["failures"] == 0
 
 
-def test_sequence_sends_every_request_in_order_with_bodies(echo: str) -> None:
+def test_sequence_sends_every_request_in_order_with_bodies(echo: str, client: str) -> None:
     options = {
+        "client": client,
         "order": "sequence",
         "requests": [
             {
@@ -98,8 +116,9 @@ def test_sequence_sends_every_request_in_order_with_bodies(echo: str) -> None:
     assert hist.get_total_count() > 0 and hist.get_max_value() > 0
 
 
-def test_checks_fail_with_clear_messages(echo: str) -> None:
+def test_checks_fail_with_clear_messages(echo: str, client: str) -> None:
     options = {
+        "client": client,
         "order": "sequence",
         "requests": [
             {"name": "status", "url": "/status/503"},
@@ -117,11 +136,62 @@ def test_checks_fail_with_clear_messages(echo: str) -> None:
     assert stats["fine"]["failures"] == 0
 
 
-def test_timeouts_and_refused_connections_are_recorded(echo: str) -> None:
-    stats = run_sim(echo, {"timeout": "100ms", "requests": [{"name": "t", "url": "/delay/2000"}]}, 2)
+def test_timeouts_and_refused_connections_are_recorded(echo: str, client: str) -> None:
+    options = {"client": client, "timeout": "100ms", "requests": [{"name": "t", "url": "/delay/2000"}]}
+    stats = run_sim(echo, options, 2)
     assert stats["t"]["errors"] == {"timeout after 0.1s": 2}
     latency_ms = decode_histogram(stats["t"]["hists"][0]).get_max_value() / 1000
     assert 90 <= latency_ms < 1000
-    stats = run_sim(echo, {"base_url": "http://127.0.0.1:9", "requests": [{"name": "r", "url": "/"}]}, 2)
+    options = {"client": client, "base_url": "http://127.0.0.1:9", "requests": [{"name": "r", "url": "/"}]}
+    stats = run_sim(echo, options, 2)
     (message,) = stats["r"]["errors"]
-    assert message.startswith("ClientConnectorError") and "127.0.0.1:9" in message
+    if client == "fast":
+        assert message == "ConnectError: cannot connect to 127.0.0.1:9: Connection refused"
+    else:
+        assert message.startswith("ClientConnectorError") and "127.0.0.1:9" in message
+    assert stats["r"]["failures"] == 2
+
+
+def test_latency_includes_waiting_for_a_pooled_connection(echo: str) -> None:
+    metrics = Metrics()
+
+    async def main() -> None:
+        options = {"connections": 1, "requests": [{"name": "slow", "url": "/delay/50"}]}
+        sim = HttpSimulator(make_ctx(echo, options, metrics))
+        await sim.setup()
+        try:
+            await asyncio.gather(*(sim.iteration(User(i)) for i in range(4)))
+        finally:
+            await sim.teardown()
+
+    asyncio.run(main())
+    (window,) = [w for w in metrics.drain(everything=True)["windows"] if w["name"] == "slow"]
+    assert window["count"] == 4 and window["failures"] == 0
+    assert decode_histogram(window["hist"]).get_max_value() / 1000 >= 190  # the fourth waited for three
+
+
+def test_https_urls_use_aiohttp_and_bad_requests_fail_setup(echo: str) -> None:
+    async def main() -> None:
+        options = {
+            "requests": [{"name": "a", "url": "/"}, {"name": "b", "url": "https://127.0.0.1:1/"}],
+        }
+        sim = HttpSimulator(make_ctx(echo, options, Metrics()))
+        await sim.setup()
+        try:
+            assert sim.fast is not None and sim.session is not None
+            assert [r.fast is not None for r in sim.requests] == [True, False]
+        finally:
+            await sim.teardown()
+        sim = HttpSimulator(make_ctx(echo, {"client": "aiohttp", "requests": [{"url": "/"}]}, Metrics()))
+        await sim.setup()
+        try:
+            assert sim.fast is None and sim.session is not None
+        finally:
+            await sim.teardown()
+        bad = {"requests": [{"name": "bad", "url": "/", "headers": {"X-A": "1\r\nX-B: 2"}}]}
+        sim = HttpSimulator(make_ctx(echo, bad, Metrics()))
+        with pytest.raises(UsageError, match="request 'bad': invalid header value"):
+            await sim.setup()
+        await sim.teardown()
+
+    asyncio.run(main())

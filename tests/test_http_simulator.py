@@ -165,9 +165,11 @@ def test_latency_includes_waiting_for_a_pooled_connection(echo: str) -> None:
             await sim.teardown()
 
     asyncio.run(main())
-    (window,) = [w for w in metrics.drain(everything=True)["windows"] if w["name"] == "slow"]
-    assert window["count"] == 4 and window["failures"] == 0
-    assert decode_histogram(window["hist"]).get_max_value() / 1000 >= 190  # the fourth waited for three
+    # the four requests may straddle a second boundary: merge their windows
+    windows = [w for w in metrics.drain(everything=True)["windows"] if w["name"] == "slow"]
+    assert sum(w["count"] for w in windows) == 4 and sum(w["failures"] for w in windows) == 0
+    slowest = max(decode_histogram(w["hist"]).get_max_value() for w in windows)
+    assert slowest / 1000 >= 190  # the fourth waited for three
 
 
 def test_https_urls_use_aiohttp_and_bad_requests_fail_setup(echo: str) -> None:

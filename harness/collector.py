@@ -53,6 +53,8 @@ class Collector:
         self._dropped_total = 0
         self._recent_errors: deque[dict[str, Any]] = deque(maxlen=20)
         self.last_tick: Tick | None = None
+        self.live_thresholds: list[dict[str, Any]] = []
+        """The latest live threshold verdicts (set by the controller), shown with each tick."""
         self.write_failures = 0
 
     # -- input (any thread) ----------------------------------------------------------------
@@ -323,4 +325,5 @@ class Collector:
                 "dropped": self._dropped_total,
             },
             "errors": list(self._recent_errors)[-5:],
+            "thresholds": list(self.live_thresholds),
         }

@@ -30,12 +30,12 @@ from harness.store import Run, Store
 from harness.supervisor import Supervisor, prepare_forkserver
 from harness.targets import get_target
 from harness.targets.runner import EmbeddedTarget, check_url
-from harness.thresholds import evaluate_all
+from harness.thresholds import ThresholdEvaluator, failing_aborts
 
 log = logging.getLogger(__name__)
 
-ABORT_CHECK_EVERY = 5.0
-"""Seconds between evaluations of abort-on-fail thresholds during a run."""
+ABORT_CHECK_EVERY = 2.0
+"""Seconds between live threshold evaluations (abort-on-fail ones stop the run when they fail)."""
 
 
 @dataclass
@@ -188,6 +188,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     status, reason = "running", ""
     thresholds = profile.parsed_thresholds()
     abort_thresholds = [t for t in thresholds if t.abort]
+    evaluator = ThresholdEvaluator(thresholds, store, run_id, started_at)
     try:
         collector.event(
             "run_started",
@@ -218,23 +219,22 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
             if supervisor.all_finished:
                 reason = "every group finished"
                 break
-            if abort_thresholds and now >= next_abort_check:
+            if thresholds and now >= next_abort_check:
                 next_abort_check = now + ABORT_CHECK_EVERY
-                current = summarize(
-                    store, store.get_run(run_id) or Run(id=run_id, profile="", started_at=started_at)
-                )
-                failed = [
-                    r
-                    for r in evaluate_all(abort_thresholds, current)
-                    if not r["ok"] and r["value"] is not None
-                ]
+                live = evaluator.evaluate(now)
+                collector.live_thresholds = live
+                failed = failing_aborts(live, now - started_at) if abort_thresholds else None
                 if failed:
-                    status, reason = (
-                        "failed",
-                        f"threshold failed: {failed[0]['expr']} (value {failed[0]['value']})",
-                    )
+                    status = "failed"
+                    reason = f"threshold failed: {failed['expr']} (value {failed['value']} {failed['unit']})"
                     collector.event(
-                        "threshold_aborted", None, expr=failed[0]["expr"], value=failed[0]["value"]
+                        "threshold_aborted",
+                        None,
+                        expr=failed["expr"],
+                        value=failed["value"],
+                        unit=failed["unit"],
+                        over=failed["over"],
+                        elapsed=round(now - started_at, 3),
                     )
                     log.error("aborting: %s", reason)
                     break
@@ -267,7 +267,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     assert run_row is not None
     run_row.ended_at = ended_at
     summary = summarize(store, run_row)
-    results = evaluate_all(thresholds, summary)
+    results = evaluator.evaluate(final=True, ended_at=ended_at)
     if status == "running":
         status = "passed" if all(r["ok"] for r in results) else "failed"
     exit_code = {"passed": EXIT_PASSED, "failed": EXIT_THRESHOLDS_FAILED}.get(status, EXIT_ABORTED)

@@ -16,17 +16,26 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.distributions import Constant, Exponential, LogNormal, Uniform, coerce_distribution
 from harness.durations import Duration
 from harness.errors import ProfileError, UsageError
 from harness.shapes import ConstantShape, Shape, StepsShape
-from harness.thresholds import Threshold, parse_threshold
+from harness.thresholds import Threshold, matches, parse_threshold
 
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
@@ -139,11 +148,43 @@ class Group(BaseModel):
 
 
 class ThresholdSpec(BaseModel):
-    """A threshold, optionally aborting the run as soon as it fails."""
+    """A threshold (see `harness.thresholds`), optionally aborting the run as soon as it fails.
+
+    In a profile: an expression string, or `{expr, abort_on_fail, delay}` (`abort` is an alias).
+    """
 
     model_config = ConfigDict(extra="forbid")
     expr: str
-    abort: bool = False
+    """`FUNC[(SELECTOR)] OP VALUE [over DURATION]`, e.g. `p95(api.GET /json) < 500ms`, `error_rate < 1%`."""
+    abort_on_fail: bool = Field(default=False, validation_alias=AliasChoices("abort_on_fail", "abort"))
+    """Stop the run as soon as the threshold fails while it runs (checked every few seconds)."""
+    delay: Duration = 0.0
+    """Failures count toward an abort only this long after the run start (k6's delayAbortEval)."""
+
+    @model_validator(mode="after")
+    def _parses(self) -> ThresholdSpec:
+        self.parsed()
+        return self
+
+    def parsed(self) -> Threshold:
+        """The parsed threshold; ValueError naming the problem."""
+        return parse_threshold(self.expr, self.abort_on_fail, self.delay)
+
+
+def _threshold_spec(value: Any) -> Any:
+    """A profile's threshold item: an expression string, or a mapping for ThresholdSpec."""
+    if isinstance(value, str):
+        return {"expr": value}
+    if isinstance(value, dict):
+        if "abort" in value and "abort_on_fail" in value:
+            raise ValueError("give abort_on_fail or its alias abort, not both")
+        return value
+    if isinstance(value, ThresholdSpec):
+        return value
+    raise ValueError(
+        f"expected a threshold expression such as 'p95 < 500ms' or a mapping "
+        f"{{expr, abort_on_fail, delay}}, got {_kind(value)}"
+    )
 
 
 class Profile(BaseModel):
@@ -160,7 +201,8 @@ class Profile(BaseModel):
     """Seed for every random choice (think times, arrivals, simulator choices)."""
     targets: dict[str, TargetRef] = Field(default_factory=dict)
     groups: dict[str, Group] = Field(min_length=1)
-    thresholds: list[str | ThresholdSpec] = Field(default_factory=list)
+    thresholds: list[Annotated[ThresholdSpec, BeforeValidator(_threshold_spec)]] = Field(default_factory=list)
+    """Pass/fail conditions: expression strings or `{expr, abort_on_fail, delay}` (see harness.thresholds)."""
 
     @field_validator("targets", "groups")
     @classmethod
@@ -170,23 +212,23 @@ class Profile(BaseModel):
                 raise ValueError(f"name {key!r} may use only letters, digits, '_', '-' and '.'")
         return value
 
-    @field_validator("thresholds")
-    @classmethod
-    def _parse_thresholds(cls, value: list[str | ThresholdSpec]) -> list[str | ThresholdSpec]:
-        for i, item in enumerate(value):
-            expr, abort = (item, False) if isinstance(item, str) else (item.expr, item.abort)
-            try:
-                parse_threshold(expr, abort)
-            except ValueError as exc:
-                raise ValueError(f"[{i}] {exc}") from None
-        return value
-
     def parsed_thresholds(self) -> list[Threshold]:
-        """The thresholds, parsed."""
-        return [
-            parse_threshold(t, False) if isinstance(t, str) else parse_threshold(t.expr, t.abort)
-            for t in self.thresholds
-        ]
+        """The thresholds, parsed (each with its abort flag and delay)."""
+        return [spec.parsed() for spec in self.thresholds]
+
+
+def _check_threshold_groups(profile: Profile, source: str) -> None:
+    """A threshold whose group part matches no group of the profile can only be a typo."""
+    for i, threshold in enumerate(profile.parsed_thresholds()):
+        group = threshold.group_glob
+        if group is None or (threshold.func == "count" and threshold.name_glob is None):
+            continue  # the whole run, or count(NAME), which may be a counter's name in any group
+        if not any(matches(group, name) for name in profile.groups):
+            raise ProfileError(
+                source,
+                f"thresholds[{i}]",
+                f"{threshold.expr!r}: no group matches {group!r} (groups: {', '.join(profile.groups)})",
+            )
 
 
 @dataclass
@@ -289,6 +331,7 @@ def _load_text(
         profile = Profile.model_validate(resolved)
     except ValidationError as exc:
         raise _profile_error(source, exc) from None
+    _check_threshold_groups(profile, source)
     loaded = LoadedProfile(profile, source, data, {s for s in secrets if len(s) >= 4})
     if validate_options:
         from harness.simulator import validate_group_options
@@ -389,7 +432,7 @@ def _substitute(node: Any, env: dict[str, str], secrets: set[str], source: str, 
 
 
 def _profile_error(source: str, exc: ValidationError) -> ProfileError:
-    errors = _relevant_errors(exc.errors())
+    errors = exc.errors()
     first = errors[0]
     loc = first["loc"]
     path = ""
@@ -404,26 +447,6 @@ def _profile_error(source: str, exc: ValidationError) -> ProfileError:
         message = "unknown field (check the spelling; see `harness validate --help`)"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return ProfileError(source, path or None, message + more)
-
-
-def _relevant_errors(errors: list[Any]) -> list[Any]:
-    """Drop the complaints of the `str | ThresholdSpec` union branch that does not fit the input."""
-
-    def branch(error: Any) -> str | None:
-        loc = error["loc"]
-        is_item = len(loc) >= 3 and loc[0] == "thresholds" and isinstance(loc[1], int)
-        return str(loc[2]) if is_item and loc[2] in ("str", "ThresholdSpec") else None
-
-    str_inputs = {e["loc"][1]: e.get("input") for e in errors if branch(e) == "str"}
-
-    def keep(error: Any) -> bool:
-        if branch(error) == "str":  # a mapping was meant as a ThresholdSpec
-            return not isinstance(error.get("input"), dict)
-        if branch(error) == "ThresholdSpec":  # anything else was meant as a string
-            return isinstance(str_inputs.get(error["loc"][1], {}), dict)
-        return True
-
-    return [e for e in errors if keep(e)] or errors
 
 
 _UNION_TAGS = {
@@ -441,9 +464,8 @@ def _is_union_tag(loc: tuple[int | str, ...], i: int) -> bool:
         return False
     if part == "[key]" or (part.startswith(_PYDANTIC_LABELS) and "[" in part):
         return True
-    if i == 3 and loc[0] == "groups" and part in _UNION_TAGS.get(str(loc[2]), ()):
-        return True  # groups.NAME.think_time.<tag> / groups.NAME.shape.<tag>
-    return i == 2 and loc[0] == "thresholds" and isinstance(loc[1], int) and part in ("str", "ThresholdSpec")
+    # groups.NAME.think_time.<tag> / groups.NAME.shape.<tag>
+    return i == 3 and loc[0] == "groups" and part in _UNION_TAGS.get(str(loc[2]), ())
 
 
 def _kind(value: Any) -> str:

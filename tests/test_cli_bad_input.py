@@ -50,6 +50,30 @@ def test_start_with_bad_http_option_names_the_option(
     one_line_error(cli("start", "--profile", str(path), "--headless"), "groups.browse.options.requests")
 
 
+def test_start_with_bad_threshold_names_it(
+    cli: Callable[..., Any], one_line_error: Callable[..., str], tmp_path: Path, smoke_doc: dict[str, Any]
+) -> None:
+    smoke_doc["thresholds"] = ["error_rate < 1%", "p95(browse) < 5 parsecs"]
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(smoke_doc), encoding="utf-8")
+    one_line_error(
+        cli("start", "--profile", str(path), "--headless"),
+        str(path),
+        "thresholds[1]",
+        "cannot read the latency '5 parsecs'",
+    )
+
+
+def test_validate_with_old_threshold_syntax_says_the_new_one(
+    cli: Callable[..., Any], one_line_error: Callable[..., str]
+) -> None:
+    one_line_error(
+        cli("validate", "smoke", "--set", "thresholds=['p95_ms[browse] < 500']"),
+        "thresholds[0]",
+        "write p95(...) < 500ms",
+    )
+
+
 def test_start_with_invalid_yaml(
     cli: Callable[..., Any], one_line_error: Callable[..., str], tmp_path: Path
 ) -> None:

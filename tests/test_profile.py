@@ -82,7 +82,7 @@ def test_builtin_smoke_loads_with_validated_options() -> None:
     echo = profile.targets["echo"]
     assert echo.embedded and echo.url is None
     assert echo.config()["concurrency"] == 16
-    assert [t.expr for t in profile.parsed_thresholds()] == ["error_rate < 0.01", "p95_ms < 500"]
+    assert [t.expr for t in profile.parsed_thresholds()] == ["error_rate < 1%", "p95 < 500ms"]
     options = loaded.options["browse"]
     assert isinstance(options, HttpOptions)
     assert [r.url for r in options.requests] == ["/", "/json"]
@@ -211,7 +211,7 @@ groups:
       target: api
       requests:
         - {url: "/items/${ITEM:-7}", headers: {Authorization: "Bearer ${TOKEN}"}}
-thresholds: ["p95_ms < ${P95:-500}"]
+thresholds: ["p95 < ${P95:-500}ms"]
 """
 
 
@@ -244,7 +244,7 @@ groups:
     arrival_rate: ${RATE}
     max_in_flight: ${INFLIGHT:-50}
     options: {base_url: "http://127.0.0.1:1", requests: [{url: "/${RATE}"}]}
-thresholds: [{expr: "p95_ms < 1", abort: "${ABORT}"}]
+thresholds: [{expr: "p95 < 1", abort: "${ABORT}"}]
 """
     loaded = load_profile_text(text, environ={"RATE": "2.5", "ABORT": "true"})
     group = loaded.profile.groups["g"]
@@ -372,9 +372,60 @@ SCHEMA_ERRORS: list[tuple[str, Mutation | str, str | None, str]] = [
         "groups.browse.options.retries",
         "unknown",
     ),
-    ("bad-threshold", lambda d: d.update(thresholds=["p95 <> 3"]), "thresholds", "cannot read threshold"),
-    ("unknown-metric", lambda d: d.update(thresholds=["p95_ms < 1", "latency < 3"]), "thresholds", "[1]"),
-    ("threshold-number", lambda d: d.update(thresholds=[5]), "thresholds[0]", "valid string"),
+    (
+        "bad-threshold",
+        lambda d: d.update(thresholds=["p95 <> 3"]),
+        "thresholds[0]",
+        "unknown comparison '<>'",
+    ),
+    (
+        "unknown-function",
+        lambda d: d.update(thresholds=["p95 < 1", "latency < 3"]),
+        "thresholds[1]",
+        "'latency < 3': unknown function 'latency'",
+    ),
+    (
+        "old-threshold-syntax",
+        lambda d: d.update(thresholds=["p95_ms[browse] < 500"]),
+        "thresholds[0]",
+        "unknown function 'p95_ms' (the old form; write p95(...) < 500ms)",
+    ),
+    (
+        "threshold-bad-unit",
+        lambda d: d.update(thresholds=[{"expr": "error_rate(browse) < 5ms", "abort_on_fail": True}]),
+        "thresholds[0]",
+        "error_rate takes a ratio (0.01) or a percentage (1%)",
+    ),
+    (
+        "threshold-bad-delay",
+        lambda d: d.update(thresholds=[{"expr": "p95 < 1s", "abort": True, "delay": "soon"}]),
+        "thresholds[0].delay",
+        "expected a duration",
+    ),
+    (
+        "threshold-abort-twice",
+        lambda d: d.update(thresholds=[{"expr": "p95 < 1s", "abort": True, "abort_on_fail": False}]),
+        "thresholds[0]",
+        "abort_on_fail or its alias abort, not both",
+    ),
+    (
+        "threshold-number",
+        lambda d: d.update(thresholds=[5]),
+        "thresholds[0]",
+        "expected a threshold expression",
+    ),
+    (
+        "threshold-unknown-group",
+        lambda d: d.update(thresholds=["p95 < 1s", "p95(brwse.home) < 1s"]),
+        "thresholds[1]",
+        "'p95(brwse.home) < 1s': no group matches 'brwse' (groups: browse)",
+    ),
+    (
+        "threshold-glob-matches-no-group",
+        lambda d: d.update(thresholds=["dropped(api*) == 0"]),
+        "thresholds[0]",
+        "no group matches 'api*'",
+    ),
     (
         "threshold-spec-no-expr",
         lambda d: d.update(thresholds=[{"abort": True}]),
@@ -576,11 +627,35 @@ def test_shapes_and_think_times_parse(smoke_doc: dict[str, Any]) -> None:
 
 
 def test_threshold_specs_carry_abort(smoke_doc: dict[str, Any]) -> None:
-    smoke_doc["thresholds"] = ["p95_ms < 500", {"expr": "error_rate[browse] < 0.05", "abort": True}]
+    smoke_doc["thresholds"] = [
+        "p95 < 500ms",
+        {"expr": "error_rate(browse) < 5%", "abort": True},
+        {"expr": "p99(browse.home) < 2s over 30s", "abort_on_fail": True, "delay": "1m"},
+    ]
     parsed = load_profile_text(yaml.safe_dump(smoke_doc)).profile.parsed_thresholds()
-    assert [(t.metric, t.group, t.abort) for t in parsed] == [
-        ("p95_ms", None, False),
-        ("error_rate", "browse", True),
+    assert [(t.func, t.group_glob, t.name_glob, t.limit, t.over, t.abort, t.delay) for t in parsed] == [
+        ("p95", None, None, 500.0, None, False, 0.0),
+        ("error_rate", "browse", None, 0.05, None, True, 0.0),
+        ("p99", "browse", "home", 2000.0, 30.0, True, 60.0),
+    ]
+
+
+def test_threshold_selectors_that_need_no_group(smoke_doc: dict[str, Any]) -> None:
+    # count(NAME) may be a counter in any group; counter(NAME)/gauge(NAME) name no group at all
+    smoke_doc["thresholds"] = [
+        "count(timeout_errors) < 50",
+        "counter(server_errors) < 50",
+        "gauge(queue_depth) < 10",
+        "p95(b?ows*.*) < 1s",
+        "count(browse.timeout) < 50",
+    ]
+    parsed = load_profile_text(yaml.safe_dump(smoke_doc)).profile.parsed_thresholds()
+    assert [t.selector for t in parsed] == [
+        "timeout_errors",
+        "server_errors",
+        "queue_depth",
+        "b?ows*.*",
+        "browse.timeout",
     ]
 
 
@@ -618,7 +693,7 @@ BASE_DOC: dict[str, Any] = {
             "options": {"requests": [{"url": "/"}]},
         },
     },
-    "thresholds": ["p95_ms < 500", {"expr": "error_rate[browse] < 0.1", "abort": True}],
+    "thresholds": ["p95 < 500ms", {"expr": "error_rate(browse) < 10%", "abort": True, "delay": "5s"}],
 }
 assert load_profile_text(yaml.safe_dump(BASE_DOC), environ={}).profile.name == "prop"
 
@@ -655,8 +730,9 @@ TRICKY_TEXT = [
     "harness.shapes:nope",
     "harness.shapes:ShapePoint",
     ".rel:f",
-    "p95_ms <",
-    "p99_ms[browse/home] <= 5",
+    "p95 <",
+    "p99(browse.home) <= 5s over 1m",
+    "count(*.timeout) < 50",
     "2001-13-01",
     "1e400",
     "constant",

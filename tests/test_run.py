@@ -119,7 +119,7 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
 
 
 def test_failed_threshold_exits_1(tmp_path: Path) -> None:
-    proc, summary, _ = start(tmp_path, "smoke", "--duration", "3s", "--set", "thresholds=['p50_ms < 0.001']")
+    proc, summary, _ = start(tmp_path, "smoke", "--duration", "3s", "--set", "thresholds=['p50 < 0.001ms']")
     assert proc.returncode == 1, proc.stderr
     assert summary["status"] == "failed"
     assert summary["thresholds"][0]["ok"] is False
@@ -259,3 +259,21 @@ def test_secrets_never_reach_the_database_or_reports(tmp_path: Path) -> None:
         assert secret.encode() not in path.read_bytes(), path
     assert secret not in proc.stdout + proc.stderr
     assert "${API_TOKEN}" in rows(db, "SELECT profile_json FROM run")[0][0]
+
+
+def test_abort_on_fail_threshold_stops_the_run_early_and_says_why(tmp_path: Path) -> None:
+    profile = recorder_profile(options={"sleep": 0.02})
+    profile["duration"] = "60s"
+    profile["thresholds"] = [
+        {"expr": "p95(rec.op) < 1ms", "abort_on_fail": True, "delay": "3s"},
+        "error_rate < 1%",
+    ]
+    began = time.monotonic()
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - began < 30
+    assert summary["status"] == "failed" and summary["reason"].startswith("threshold failed: p95(rec.op) < 1ms")
+    aborted = next(e for e in summary["events"] if e["type"] == "threshold_aborted")
+    assert aborted["t"] >= 3.0  # not before its delay
+    verdicts = {t["expr"]: t["ok"] for t in summary["thresholds"]}
+    assert verdicts == {"p95(rec.op) < 1ms": False, "error_rate < 1%": True}

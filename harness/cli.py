@@ -97,11 +97,96 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(runs)
     runs.add_argument("--limit", "-n", type=int, default=20)
     runs.add_argument("--json", action="store_true")
+    runs.add_argument(
+        "--mark-baseline",
+        metavar="RUN",
+        help="mark RUN as the baseline of its profile (what `harness compare RUN2` compares RUN2 with)",
+    )
 
     show = sub.add_parser("show", help="the summary of one run (recomputed from the database)")
     show.add_argument("run_id", metavar="RUN", help="a run id or a unique prefix of one")
     _db_arg(show)
     show.add_argument("--json", action="store_true", help="print summary JSON")
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare a run with a baseline: exit 1 on a regression",
+        description=(
+            "Compare a run with a baseline, per endpoint (group/name) and in total: p95, p99, error\n"
+            "rate and requests/s. A regression is p95 or p99 up by more than --p95/--p99 percent of\n"
+            "the baseline, or the error rate up by more than --error-rate percentage points. A zero\n"
+            "baseline p95/p99 has no relative change: only a current value above --zero-floor counts.\n"
+            "Endpoints in only one of the runs are listed as added or removed, never as regressions."
+        ),
+        epilog="exit codes: 0 no regression, 1 regression, 2 bad input (unknown run, bad file or flag)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("run_id", metavar="RUN", help="a run id (or unique prefix), or a summary.json")
+    compare.add_argument(
+        "--baseline",
+        "-b",
+        metavar="RUN_OR_SUMMARY_JSON",
+        help="a run id (or unique prefix) or a summary.json (default: the run marked with "
+        "`harness runs --mark-baseline` for RUN's profile)",
+    )
+    compare.add_argument("--p95", default="20%", metavar="PCT", help="allowed p95 rise (default 20%%)")
+    compare.add_argument("--p99", default="20%", metavar="PCT", help="allowed p99 rise (default 20%%)")
+    compare.add_argument(
+        "--error-rate",
+        default="5",
+        metavar="PP",
+        help="allowed error-rate rise in percentage points (default 5)",
+    )
+    compare.add_argument(
+        "--zero-floor",
+        default="1ms",
+        metavar="DURATION",
+        help="with a zero baseline p95/p99, a regression only above this (default 1ms)",
+    )
+    _db_arg(compare)
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    timeline = sub.add_parser(
+        "timeline",
+        help="find where a run degraded, and the users at that point",
+        description=(
+            "Cut a run into windows; per window: users, requests, failures, failure %, p50, p95, "
+            "timeouts. The degradation point is the first window with failures above "
+            "--max-failure-pct or p95 above --max-p95; the capacity estimate is 80-100% of its users."
+        ),
+    )
+    timeline.add_argument("run_id", metavar="RUN", help="a run id or a unique prefix of one")
+    timeline.add_argument("--window", "-w", default="60s", metavar="DURATION", help="window (default 60s)")
+    timeline.add_argument(
+        "--max-failure-pct", default="10", metavar="PCT", help="failures above this degrade (default 10%%)"
+    )
+    timeline.add_argument(
+        "--max-p95", default="10s", metavar="DURATION", help="p95 above this degrades (default 10s)"
+    )
+    _db_arg(timeline)
+    timeline.add_argument("--json", action="store_true", help="print the analysis as JSON")
+
+    report = sub.add_parser(
+        "report",
+        help="write a run's report: html, csv, json (summary.json) or junit",
+        description=(
+            "Write a report of a recorded run, recomputed from the database. --out is a file, or a "
+            "folder (default: the run's report folder) for summary.json, report.html, junit.xml or "
+            "stats.csv + stats_history.csv + failures.csv."
+        ),
+    )
+    report.add_argument("run_id", metavar="RUN", help="a run id or a unique prefix of one")
+    report.add_argument(
+        "--format", "-f", choices=["html", "csv", "json", "junit"], default="html", help="default html"
+    )
+    report.add_argument("--out", "-o", type=Path, metavar="PATH", help="output file or folder")
+    report.add_argument(
+        "--window",
+        default="auto",
+        metavar="DURATION",
+        help="timeline window of the html report (default: auto, at most 60 windows)",
+    )
+    _db_arg(report)
 
     target = sub.add_parser(
         "target",
@@ -268,15 +353,40 @@ def _open_store(db: Path | None) -> Store:
 def cmd_runs(args: argparse.Namespace) -> int:
     """`harness runs`."""
     store = _open_store(args.db)
+    if args.mark_baseline:
+        run = store.get_run(args.mark_baseline)
+        if run is None:
+            store.close()
+            raise UsageError(f"no run matches {args.mark_baseline!r} (see `harness runs`)")
+        store.set_baseline(run.profile, run.id)
+        store.close()
+        print(f"run {run.id} is now the baseline of profile {run.profile!r}")
+        if run.status != "passed":
+            print(f"note: that run's status is {run.status}")
+        return 0
     rows = store.list_runs(args.limit)
+    baselines = store.baselines()
     store.close()
     if args.json:
-        print(json.dumps([r.model_dump(exclude={"profile_json", "summary_json"}) for r in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        **r.model_dump(exclude={"profile_json", "summary_json"}),
+                        "baseline": baselines.get(r.profile) == r.id,
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
-    from rich.console import Console
+    import rich
     from rich.table import Table
 
-    table = Table("run", "profile", "status", "started", "duration", "requests", "p95 ms", "errors")
+    table = Table(
+        "run", "profile", "status", "started", "duration", "requests", "p95 ms", "errors", "baseline"
+    )
     for r in rows:
         summary: dict[str, Any] = json.loads(r.summary_json) if r.summary_json else {}
         totals = summary.get("totals", {})
@@ -290,8 +400,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
             str(totals.get("requests", "")),
             f"{totals['p95_ms']:.1f}" if "p95_ms" in totals else "",
             f"{totals['error_rate'] * 100:.2f}%" if "error_rate" in totals else "",
+            "★" if baselines.get(r.profile) == r.id else "",
         )
-    Console().print(table)
+    rich.get_console().print(table)
     return 0
 
 
@@ -312,6 +423,179 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print_summary(summary)
+    return 0
+
+
+def _percent(value: str, flag: str) -> float:
+    """A non-negative number of percent (or percentage points): `20%`, `20`, `5pp`."""
+    text = value.strip().lower().removesuffix("%").removesuffix("pp").strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: expected a percentage such as 20% or 5, got {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise UsageError(f"{flag}: expected a percentage >= 0, got {value!r}")
+    return number
+
+
+def _duration(value: str, flag: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _window(value: str, flag: str) -> int:
+    seconds = _duration(value, flag)
+    if seconds < 1 or not float(seconds).is_integer():
+        raise UsageError(f"{flag}: expected a whole number of seconds >= 1, such as 10s or 1m, got {value!r}")
+    return int(seconds)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`harness compare RUN [--baseline RUN_OR_SUMMARY_JSON]`: exit 1 on a regression."""
+    from harness.compare import Limits, compare_runs, looks_like_file, print_comparison
+
+    limits = Limits(
+        p95_pct=_percent(args.p95, "--p95"),
+        p99_pct=_percent(args.p99, "--p99"),
+        error_rate_pp=_percent(args.error_rate, "--error-rate"),
+        zero_floor_ms=_duration(args.zero_floor, "--zero-floor") * 1000,
+    )
+    refs = [args.run_id] + ([args.baseline] if args.baseline else [])
+    needs_db = args.baseline is None or not all(looks_like_file(r) for r in refs)
+    store = _open_store(args.db) if needs_db else None
+    try:
+        result = compare_runs(store, args.run_id, args.baseline, limits)
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print_comparison(result)
+    return 1 if result["regression"] else 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    """`harness timeline RUN`: the per-window table and the degradation point."""
+    from harness.report.csv import resolve_run
+    from harness.timeline import analyze_timeline, describe
+
+    window = _window(args.window, "--window")
+    max_failure_pct = _percent(args.max_failure_pct, "--max-failure-pct")
+    max_p95_ms = _duration(args.max_p95, "--max-p95") * 1000
+    store = _open_store(args.db)
+    try:
+        run = resolve_run(store, args.run_id)
+        result = analyze_timeline(store, run.id, window, max_failure_pct, max_p95_ms)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    import rich
+    from rich.table import Table
+
+    console = rich.get_console()
+    table = Table(
+        "time (s)", "users", "reqs", "fails", "fail %", "p50 ms", "p95 ms", "timeouts",
+        title=f"run {result['run_id']}: {window}s windows", title_justify="left",
+    )  # fmt: skip
+    for col in table.columns:
+        col.justify = "right"
+    degradation = result["degradation"]
+    for row in result["rows"]:
+        bad = row["failure_pct"] > max_failure_pct or row["p95_ms"] > max_p95_ms
+        first = degradation is not None and row["t"] == degradation["t"]
+        table.add_row(
+            f"{row['t']}",
+            f"{row['users']}",
+            f"{row['requests']}",
+            f"{row['failures']}",
+            f"{row['failure_pct']:.1f}",
+            f"{row['p50_ms']:,.1f}",
+            f"{row['p95_ms']:,.1f}",
+            f"{row['timeouts']}",
+            style="bold red" if first else "red" if bad else None,
+        )
+    console.print(table)
+    if not result["rows"]:
+        console.print("no requests were recorded in this run")
+    for line in describe(result):
+        console.print(line, style="bold red" if degradation else "green", highlight=False)
+    if not result["timeouts_exact"]:
+        console.print(
+            "note: timeouts spanning several windows are spread over them by each window's failures",
+            style="dim",
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`harness report RUN --format html|csv|json|junit [--out PATH]`."""
+    from harness.compare import run_summary
+
+    store = _open_store(args.db)
+    try:
+        side = run_summary(store, args.run_id)
+        run_id, summary = side["run_id"], side["summary"]
+        run = store.get_run(run_id)
+        assert run is not None
+        stored = json.loads(run.summary_json) if run.summary_json else {}
+        for key in ("report_dir", "exit_code"):
+            if key in stored:
+                summary.setdefault(key, stored[key])
+        folder = store.path.parent / "runs" / run_id
+        if stored.get("report_dir"):
+            folder = Path(stored["report_dir"])
+        names = {"html": "report.html", "json": "summary.json", "junit": "junit.xml"}
+
+        def target(default_name: str) -> Path:
+            out: Path | None = args.out
+            if out is None:
+                return folder / default_name
+            return out if out.suffix and not out.is_dir() else out / default_name
+
+        written: list[Path] = []
+        if args.format == "csv":
+            from harness.report.csv import write_csv_reports
+
+            written = write_csv_reports(store, run_id, args.out if args.out is not None else folder)
+        elif args.format == "json":
+            path = target(names["json"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+            written = [path]
+        elif args.format == "junit":
+            from harness.report.junit import write_junit
+
+            written = [write_junit(summary, target(names["junit"]))]
+        else:
+            try:
+                from harness.report.html import write_html
+            except ModuleNotFoundError as exc:
+                if exc.name != "harness.report.html":
+                    raise
+                raise UsageError(
+                    "the HTML report is not part of this version yet: use --format json, csv or junit"
+                ) from None
+            from harness.timeline import analyze_timeline, auto_window
+
+            window = (
+                auto_window(float(summary.get("duration_s") or 0))
+                if args.window == "auto"
+                else _window(args.window, "--window")
+            )
+            timeline = analyze_timeline(store, run_id, window)
+            path = target(names["html"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            result = write_html(store, run_id, path, summary=summary, timeline=timeline)
+            written = [Path(result) if isinstance(result, str | Path) else path]
+    finally:
+        store.close()
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

@@ -26,6 +26,7 @@ from harness.collector import Collector
 from harness.errors import EXIT_ABORTED, EXIT_PASSED, EXIT_THRESHOLDS_FAILED, TargetError
 from harness.profile import LoadedProfile
 from harness.report import summarize, write_summary
+from harness.report.files import write_reports
 from harness.store import Run, Store
 from harness.supervisor import Supervisor, prepare_forkserver
 from harness.targets import get_target
@@ -274,6 +275,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     summary.update(
         status=status, thresholds=results, reason=reason, report_dir=str(report_dir), exit_code=exit_code
     )
+    # record the verdict first: a report that crashes or is interrupted must not leave the run "running"
     write_summary(summary, report_dir)
     store.update_run(
         run_id,
@@ -283,6 +285,9 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
         reason=reason,
         summary_json=json.dumps(summary, default=str),
     )
+    summary["reports"] = write_reports(store, run_id, summary, report_dir)
+    write_summary(summary, report_dir)
+    store.update_run(run_id, summary_json=json.dumps(summary, default=str))
     store.close()
     print_summary(summary) if options.view_mode != "none" else None
     return RunResult(run_id, status, exit_code, summary, report_dir)

@@ -3,7 +3,8 @@
 Tables: `run`, `worker`, `window` (one row per second × group × name, with encoded histograms),
 `error` (deduplicated: message, count, first/last seen), `event` (the run's timeline), `datapoint`
 (free-form per-entity records), `metric` (counters and gauges per second), `health` (the harness's own
-CPU, loop lag and dropped iterations per worker per second) and `log` (warnings and errors).
+CPU, loop lag and dropped iterations per worker per second), `log` (warnings and errors) and
+`baseline` (the run each profile's comparisons default to).
 """
 
 from __future__ import annotations
@@ -159,6 +160,14 @@ class Log(SQLModel, table=True):
     message: str
 
 
+class Baseline(SQLModel, table=True):
+    """The run that `harness compare` uses as the baseline of a profile (one per profile)."""
+
+    profile: str = Field(primary_key=True)
+    run_id: str
+    marked_at: float
+
+
 def default_db_path() -> Path:
     """`$HARNESS_DB`, else ./harness-data/harness.db."""
     return Path(os.environ.get("HARNESS_DB") or Path("harness-data") / "harness.db")
@@ -262,6 +271,28 @@ class Store:
             t_event = conn.execute(text("SELECT MAX(t) FROM event WHERE run_id=:r"), {"r": run_id}).scalar()
         values = [float(v) + (1.0 if v is t_window else 0.0) for v in (t_window, t_event) if v is not None]
         return max(values) if values else None
+
+    # -- baselines -------------------------------------------------------------------------
+    def set_baseline(self, profile: str, run_id: str) -> None:
+        """Make `run_id` the baseline of `profile` (replacing any earlier one)."""
+        with self.transaction() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO baseline (profile, run_id, marked_at) VALUES (:p, :r, :t) "
+                    "ON CONFLICT (profile) DO UPDATE SET run_id = excluded.run_id, "
+                    "marked_at = excluded.marked_at"
+                ),
+                {"p": profile, "r": run_id, "t": time.time()},
+            )
+
+    def get_baseline(self, profile: str) -> str | None:
+        """The run id marked as the baseline of `profile`, if any."""
+        rows = self.rows("SELECT run_id FROM baseline WHERE profile=:p", p=profile)
+        return str(rows[0]["run_id"]) if rows else None
+
+    def baselines(self) -> dict[str, str]:
+        """Every marked baseline: profile → run id."""
+        return {r["profile"]: r["run_id"] for r in self.rows("SELECT profile, run_id FROM baseline")}
 
     # -- writes (the collector) ------------------------------------------------------------
     def write_second(

@@ -272,8 +272,41 @@ def test_abort_on_fail_threshold_stops_the_run_early_and_says_why(tmp_path: Path
     proc, summary, _ = start(tmp_path, profile)
     assert proc.returncode == 1, proc.stderr
     assert time.monotonic() - began < 30
-    assert summary["status"] == "failed" and summary["reason"].startswith("threshold failed: p95(rec.op) < 1ms")
+    assert summary["status"] == "failed"
+    assert summary["reason"].startswith("threshold failed: p95(rec.op) < 1ms")
     aborted = next(e for e in summary["events"] if e["type"] == "threshold_aborted")
     assert aborted["t"] >= 3.0  # not before its delay
     verdicts = {t["expr"]: t["ok"] for t in summary["thresholds"]}
     assert verdicts == {"p95(rec.op) < 1ms": False, "error_rate < 1%": True}
+
+
+def test_every_run_writes_its_reports_and_junit_names_the_failed_threshold(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    profile = recorder_profile()
+    profile["duration"] = "3s"
+    profile["thresholds"] = ["p95(rec.op) < 1ms", "error_rate < 1%"]
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 1, proc.stderr
+    report = tmp_path / "report"
+    for name in (
+        "summary.json",
+        "report.html",
+        "junit.xml",
+        "stats.csv",
+        "stats_history.csv",
+        "failures.csv",
+    ):
+        assert (report / name).stat().st_size > 0, name
+    assert set(summary["reports"]) >= {"html", "junit", "stats"}
+    cases = ET.parse(report / "junit.xml").getroot().iter("testcase")
+    failed = {c.get("name"): c.find("failure") is not None for c in cases}
+    assert failed == {"p95(rec.op) < 1ms": True, "error_rate < 1%": False}
+    # and a run whose thresholds hold is green
+    profile["thresholds"] = ["error_rate < 1%"]
+    proc, summary, _ = (
+        start(tmp_path / "ok", profile) if (tmp_path / "ok").mkdir() is None else (None, None, None)
+    )
+    assert proc is not None and proc.returncode == 0, proc.stderr
+    cases = list(ET.parse(tmp_path / "ok" / "report" / "junit.xml").getroot().iter("testcase"))
+    assert [c.find("failure") for c in cases] == [None]

@@ -137,6 +137,35 @@ def start_targets(loaded: LoadedProfile) -> tuple[dict[str, str], list[EmbeddedT
     return urls, started
 
 
+def compare_with_baseline(
+    store: Store, run_id: str, profile: str, summary: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Compare a finished run with its profile's marked baseline (`harness runs --mark-baseline`).
+
+    The verdict goes into the summary and the log; it does not change the exit code — thresholds do.
+    """
+    from harness.compare import compare_summaries, run_summary
+
+    baseline_id = store.get_baseline(profile)
+    if baseline_id is None or baseline_id == run_id:
+        return None
+    try:
+        result = compare_summaries(run_summary(store, baseline_id)["summary"], summary)
+    except Exception:
+        log.exception("could not compare with baseline %s", baseline_id)
+        return None
+    if result["regression"]:
+        log.warning(
+            "slower than baseline %s: %s (harness compare %s for the table)",
+            baseline_id,
+            "; ".join(str(r) for r in result["regressions"][:3]),
+            run_id,
+        )
+    else:
+        log.info("no regression against baseline %s", baseline_id)
+    return {"run_id": baseline_id, "regression": result["regression"], "regressions": result["regressions"]}
+
+
 def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     """Run a profile to the end; returns the result with its exit code."""
     from harness.console import LiveView, print_summary
@@ -275,6 +304,7 @@ def run(loaded: LoadedProfile, options: RunOptions) -> RunResult:
     summary.update(
         status=status, thresholds=results, reason=reason, report_dir=str(report_dir), exit_code=exit_code
     )
+    summary["baseline"] = compare_with_baseline(store, run_id, profile.name, summary)
     # record the verdict first: a report that crashes or is interrupted must not leave the run "running"
     write_summary(summary, report_dir)
     store.update_run(

@@ -309,3 +309,36 @@ def test_every_run_writes_its_reports_and_junit_names_the_failed_threshold(tmp_p
     assert proc.returncode == 0, proc.stderr
     cases = list(ET.parse(tmp_path / "ok" / "report" / "junit.xml").getroot().iter("testcase"))
     assert [c.find("failure") for c in cases] == [None]
+
+
+def test_later_runs_compare_with_the_marked_baseline(tmp_path: Path) -> None:
+    fast = ["--duration", "4s", "--set", "thresholds=[]", "--set", "targets.echo.service_time=5ms"]
+    proc, first, db = start(tmp_path, "smoke", *fast)
+    assert proc.returncode == 0, proc.stderr
+    assert first["baseline"] is None  # nothing marked yet
+    marked = harness("runs", "--db", str(db), "--mark-baseline", first["run_id"])
+    assert marked.returncode == 0, marked.stderr
+    (tmp_path / "slow").mkdir()
+    slow_db_args = ["--db", str(db)]
+    proc = harness(
+        "start",
+        "--profile",
+        "smoke",
+        "--headless",
+        "--quiet",
+        *slow_db_args,
+        "--report-dir",
+        str(tmp_path / "slow"),
+        "--duration",
+        "4s",
+        "--set",
+        "thresholds=[]",
+        "--set",
+        "targets.echo.service_time=40ms",
+    )
+    assert proc.returncode == 0, proc.stderr  # a regression is reported, the exit code stays the thresholds'
+    second = json.loads((tmp_path / "slow" / "summary.json").read_text())
+    assert second["baseline"]["run_id"] == first["run_id"]
+    assert second["baseline"]["regression"] is True
+    assert any("p95" in r for r in second["baseline"]["regressions"])
+    assert "slower than baseline" in proc.stderr

@@ -4,10 +4,8 @@ and real runs — a repeat of the baseline passes, a run made slower fails."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +13,13 @@ import pytest
 
 from harness.compare import Limits, compare_summaries
 from harness.store import Run, Store
+from tests.clitools import harness as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": "140"},
-    )
+    return run_cli(*args, timeout=timeout, columns=140)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

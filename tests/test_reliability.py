@@ -19,7 +19,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.test_run import ROOT, harness, recorder_profile, rows, start
+from tests.clitools import ROOT, harness
+from tests.test_run import recorder_profile, rows, start
 
 pytestmark = pytest.mark.slow
 

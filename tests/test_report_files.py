@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from harness.metrics import new_histogram
 from harness.report.csv import history_rows, stats_rows, write_history_csv, write_stats_csv
 from harness.report.junit import write_junit
 from harness.store import Run, Store
+from tests.clitools import harness as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -36,15 +35,7 @@ HISTORY_HEADER = [
 
 
 def harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**env, "PYTHONPATH": str(ROOT)},
-    )
+    return run_cli(*args, timeout=timeout)
 
 
 def encode(values_ms: list[float]) -> bytes:

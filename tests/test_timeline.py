@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +16,14 @@ from harness.errors import UsageError
 from harness.metrics import new_histogram
 from harness.store import Run, Store
 from harness.timeline import TIMEOUT_MESSAGE, analyze_timeline, auto_window, describe
+from tests.clitools import harness as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
 
 
 def harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": "120"},
-    )
+    return run_cli(*args, timeout=timeout, columns=120)
 
 
 def hist(values_ms: list[float]) -> bytes:

@@ -300,11 +300,13 @@ class Supervisor:
             unit = "users" if group.mode == "closed" else "rate"
             self.collector.event("scaled", state.name, **{unit: rounded, "target": round(point_target, 1)})
 
-    def scale(self, group: str, value: float | None) -> None:
+    def scale(self, group: str, value: float | None, who: str = "operator") -> None:
         """Override a group's shape with a fixed number of users or rate (None returns to the shape)."""
         state = self.groups[group]
         state.manual = value
-        self.collector.event("scaled_manually", group, value=value)
+        unit = "users" if state.config.mode == "closed" else "rate"
+        self.collector.event("scaled_manually", group, value=value, unit=unit, who=who)
+        log.info("group %s set to %s %s by %s", group, "its shape" if value is None else value, unit, who)
 
     def _reap(self, state: _GroupState, now: float) -> None:
         for slot in state.slots:

@@ -289,8 +289,8 @@ class RunController:
             run_id,
             profile.name,
             profile.duration,
-            "quiet" if options.view_mode == "none" else options.view_mode,
-        )  # type: ignore[arg-type]
+            "quiet" if options.view_mode == "none" else options.view_mode,  # type: ignore[arg-type]
+        )
         collector.listeners.append(view.update)
         collector.listeners.extend(self._listeners)
         self.supervisor, self.collector, self.started_at = supervisor, collector, started_at

@@ -29,7 +29,7 @@ def _missing() -> str | None:
 @pytest.mark.timeout(420)
 def test_bench_quick_produces_numbers_for_every_tool(tmp_path: Path) -> None:
     reason = _missing()
-    assert reason is None, f"{reason}: scripts/test installs what the benchmark needs (scripts/install-system)"
+    assert reason is None, f"{reason}: scripts/install-system installs what the benchmark needs"
     out = tmp_path / "bench.json"
     # TMPDIR puts the bench's work directory (nginx prefix, tool logs) under tmp_path, so any process
     # left running would show tmp_path in its command line

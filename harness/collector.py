@@ -265,6 +265,8 @@ class Collector:
         span = max(1.0, min(float(LIVE_WINDOW), elapsed))
         endpoints = []
         groups: dict[str, dict[str, Any]] = {}
+        group_hists: dict[str, Any] = {}
+        total_hist = new_histogram()
         for (group, name), recent in sorted(self._recent.items()):
             hist = new_histogram()
             count = failures = 0
@@ -274,6 +276,9 @@ class Collector:
                     failures += f
                     merge_into(hist, encoded)
             p = percentiles_ms(hist, (50, 95, 99))
+            if self._kinds.get((group, name)) != "error" and hist.get_total_count():
+                group_hists.setdefault(group, new_histogram()).add(hist)
+                total_hist.add(hist)
             total_requests, total_failures = self._totals[(group, name)]
             endpoints.append(
                 {
@@ -299,12 +304,15 @@ class Collector:
             g = groups.setdefault(name, {"rps": 0.0, "errors_per_s": 0.0, "requests": 0, "failures": 0})
             g.update(info)
         for name, g in groups.items():
+            gp = percentiles_ms(group_hists[name], (50, 95, 99)) if name in group_hists else None
+            g.update({f"p{q}_ms": (gp[q] if gp else 0.0) for q in (50, 95, 99)})
             g["users"] = sum(
                 h.get("users", 0) for k, h in self._health.items() if k.rsplit("#", 1)[0] == name
             )
         workers = list(self._health.values())
         total_requests = sum(g["requests"] for g in groups.values())
         total_failures = sum(g["failures"] for g in groups.values())
+        tp = percentiles_ms(total_hist, (50, 95, 99))
         return {
             "t": now,
             "elapsed": elapsed,
@@ -316,6 +324,9 @@ class Collector:
                 "failures": total_failures,
                 "rps": sum(g["rps"] for g in groups.values()),
                 "error_rate": total_failures / total_requests if total_requests else 0.0,
+                "p50_ms": tp[50],
+                "p95_ms": tp[95],
+                "p99_ms": tp[99],
             },
             "health": {
                 "workers": len(workers),

@@ -44,6 +44,8 @@ def test_scale_and_stop_from_another_thread(tmp_path: Path) -> None:
     while time.monotonic() < deadline and not any(t["groups"]["rec"].get("users") == 5 for t in ticks):
         time.sleep(0.2)
     assert ticks[-1]["groups"]["rec"]["users"] == 5
+    # live percentiles for the run and each group, merged from the last seconds' histograms
+    assert 9.0 <= ticks[-1]["totals"]["p95_ms"] == ticks[-1]["groups"]["rec"]["p95_ms"] < 100
     controller.stop(who="bob")
     thread.join(timeout=20)
     assert controller.done.is_set() and controller.result is not None

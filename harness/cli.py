@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--headless",
         action="store_true",
-        help="no web panel: live view in the terminal (the panel is not built yet, so always)",
+        help="no web panel (default: serve the panel on 127.0.0.1:8089 and keep it up after the run)",
     )
     start.add_argument(
         "--duration", "-d", metavar="DURATION", help="override the profile's duration (30s, 2m, 1h)"
@@ -85,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--quiet", "-q", action="store_true", help="no live view: only the final summary (CI logs)"
     )
+    _panel_args(start)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the web panel (start runs, watch them live, history, comparison)",
+        description=(
+            "Serve the web panel until Ctrl-C. It binds 127.0.0.1 unless --host says otherwise; any\n"
+            "other address needs a token (--token or HARNESS_TOKEN). In production use gunicorn:\n"
+            "  gunicorn --worker-class gthread -w 1 --threads 100 -b 127.0.0.1:8089 'web:create_app()'"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _panel_args(serve)
+    _db_arg(serve)
 
     profiles = sub.add_parser("profiles", help="list built-in profiles, simulators and targets")
     profiles.add_argument("--json", action="store_true", help="machine-readable output")
@@ -217,6 +234,26 @@ def _db_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
+
+
+def _panel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="panel address (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8089, help="panel port (default 8089; 0: any free one)")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="require this token in the panel (default $HARNESS_TOKEN); needed on a non-loopback --host",
+    )
+
+
 def _setup_logging(level: str) -> None:
     import os
 
@@ -277,16 +314,100 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise UsageError(f"--duration: {exc}") from None
         overrides.append(f"duration={args.duration}")
     loaded = load_profile(args.profile, overrides)
+    view_mode = choose_mode(args.quiet, Console(stderr=False))
     if not args.headless:
-        log.info("the web panel is not part of this version yet: running headless")
+        return _start_with_panel(args, loaded, view_mode)
     options = RunOptions(
         db_path=args.db or default_db_path(),
         report_dir=args.report_dir,
-        view_mode=choose_mode(args.quiet, Console(stderr=False)),
+        view_mode=view_mode,
         log_level=getattr(logging, args.log_level),
     )
     result = run(loaded, options)
     return result.exit_code
+
+
+class _Panel:
+    """The web panel served from a background thread of the CLI; signals only enqueue (STYLE 5)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import os
+
+        from harness.store import default_db_path
+        from web.security import check_bind
+
+        self.token = args.token or os.environ.get("HARNESS_TOKEN") or None
+        check_bind(args.host, self.token)
+        from web import create_app, make_server, panel_url
+
+        self.app = create_app(
+            {"HARNESS_DB": str(args.db or default_db_path()), "TOKEN": self.token, "HOST": args.host}
+        )
+        self.server = make_server(self.app, args.host, args.port)
+        self.url = panel_url(args.host, self.server.port)
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Panel:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous[sig] = signal.signal(sig, lambda signum, _frame: self.signals.put(signum))
+        threading.Thread(target=self.server.serve_forever, name="panel", daemon=True).start()
+        print(f"panel: {self.url}", flush=True)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.app.extensions["harness_runs"].shutdown(who="panel shutdown")
+        self.server.shutdown()
+        self.server.server_close()
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+
+    def next_signal(self, timeout: float | None = None) -> str | None:
+        """The name of the next signal received, or None after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            try:
+                # short waits: the main thread must get back to the interpreter to run signal handlers
+                return signal.Signals(self.signals.get(timeout=max(0.0, wait))).name
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+
+
+def _start_with_panel(args: argparse.Namespace, loaded: Any, view_mode: str) -> int:
+    """`harness start` with the panel: the run goes through the panel's RunManager, so the page shows
+    it; after the run the panel keeps serving until Ctrl-C; the exit code is the run's."""
+    with _Panel(args) as panel:
+        manager = panel.app.extensions["harness_runs"]
+        manager.log_level = getattr(logging, args.log_level)
+        run_id = manager.start(loaded, who="cli", report_dir=args.report_dir, view_mode=view_mode)
+        record = manager.get(run_id)
+        controller = record.controller
+        while not controller.done.is_set():
+            name = panel.next_signal(timeout=0.5)
+            if name is not None:
+                controller.stop(who=name)  # the first: graceful; a second: at once
+        if record.thread is not None:
+            record.thread.join()
+        exit_code = record.exit_code if record.exit_code is not None else EXIT_ABORTED
+        if controller.error:
+            print(f"harness: error: {controller.error}", file=sys.stderr, flush=True)
+        print(
+            f"run {run_id} {controller.status} (exit code {exit_code}); the panel keeps serving at "
+            f"{panel.url} — Ctrl-C to exit",
+            flush=True,
+        )
+        panel.next_signal()
+    return exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`harness serve`: the panel until Ctrl-C (a run still active is stopped gracefully first)."""
+    with _Panel(args) as panel:
+        name = panel.next_signal()
+        log.info("%s: stopping the panel", name)
+    return 0
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

@@ -444,9 +444,12 @@ class Store:
 
 
 def _same_controller(run: Run) -> bool:
-    """True if the run's recorded pid still runs a harness controller (pids get reused)."""
+    """True if the run's recorded pid is still the process that started it (pids get reused).
+
+    That process may be the CLI, `harness serve` or a gunicorn worker, so only its start time is checked.
+    """
     try:
         proc = psutil.Process(run.controller_pid)
-        return proc.create_time() <= run.started_at + 1 and "harness" in " ".join(proc.cmdline())
+        return proc.create_time() <= run.started_at + 1
     except (psutil.Error, OSError):
         return False

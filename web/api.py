@@ -1,0 +1,627 @@
+"""The `api` blueprint: the panel's JSON API (the page uses it; so can any script).
+
+Errors are JSON `{error, field?}` with 400 (bad input), 401 (no token), 403 (CSRF or Origin),
+404 (no such run or profile), 409 (a run is active / the run is not active) or 413 (profile too big).
+Every action is recorded with who asked: `panel <remote address>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flask import Blueprint, Response, current_app, jsonify, request, send_file, session
+
+from harness.compare import Limits, compare_runs, looks_like_file
+from harness.durations import parse_duration
+from harness.errors import ProfileError, UsageError
+from harness.profile import LoadedProfile, builtin_profiles, load_profile_text
+from harness.report import per_second, summarize
+from harness.report.html import redact
+from harness.store import Run, Store
+from web.extensions import get_runs, get_store
+from web.runs import RunConflict, RunNotFound, RunRecord
+from web.security import (
+    STATE_CHANGING,
+    bearer_token,
+    configured_token,
+    csrf_ok,
+    csrf_token,
+    served_on_loopback,
+    session_authenticated,
+    token_fingerprint,
+    token_matches,
+)
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+PUBLIC_ENDPOINTS = {"api.get_session", "api.login"}
+"""Endpoints that answer without authentication (the page needs them to log in)."""
+REPORT_FILES = {"html": "report.html", "json": "summary.json", "junit": "junit.xml", "csv": "stats.csv"}
+REPORT_TYPES = {
+    "html": "text/html",
+    "json": "application/json",
+    "junit": "application/xml",
+    "csv": "text/csv",
+}
+MAX_OVERRIDES = 100
+MAX_WINDOW = 3600
+
+
+class ApiError(Exception):
+    """An error answered as JSON `{error, field?}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return jsonify(body), status
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> tuple[Response, int]:
+    return _error(exc.status, exc.message, exc.field)
+
+
+@bp.errorhandler(ProfileError)
+def _profile_error(exc: ProfileError) -> tuple[Response, int]:
+    return _error(400, str(exc), exc.field)
+
+
+@bp.errorhandler(RunNotFound)
+def _not_found(exc: RunNotFound) -> tuple[Response, int]:
+    return _error(404, str(exc))
+
+
+@bp.errorhandler(RunConflict)
+def _conflict(exc: RunConflict) -> tuple[Response, int]:
+    return _error(409, str(exc))
+
+
+@bp.errorhandler(UsageError)
+def _usage_error(exc: UsageError) -> tuple[Response, int]:
+    return _error(400, str(exc))
+
+
+# -- access control --------------------------------------------------------------------------------
+@bp.before_request
+def _guard() -> tuple[Response, int] | None:
+    """401 without the token (when one is set); 403 for a cross-site or token-less state change."""
+    token = configured_token()
+    if token is None and not served_on_loopback(request.environ):
+        return _error(403, "the panel is served on a non-loopback address without a token: set HARNESS_TOKEN")
+    given = bearer_token(request)
+    bearer_ok = token_matches(given, token)
+    if token is not None and given is not None and not bearer_ok:
+        return _error(401, "wrong token")
+    if (
+        token is not None
+        and not bearer_ok
+        and request.endpoint not in PUBLIC_ENDPOINTS
+        and not session_authenticated(token)
+    ):
+        return _error(401, "authentication required: POST /api/login {token} or send Authorization: Bearer")
+    if request.method in STATE_CHANGING and not bearer_ok and not csrf_ok(request):
+        return _error(
+            403, "cross-site request refused: send X-CSRF-Token from GET /api/session, from the same origin"
+        )
+    return None
+
+
+def _who() -> str:
+    """Who is asking, as recorded with every action."""
+    return f"panel {request.remote_addr or 'unknown'}"
+
+
+def _body() -> dict[str, Any]:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "expected a JSON object body (Content-Type: application/json)")
+    return data
+
+
+@bp.get("/session")
+def get_session() -> Response:
+    """Whether a token is required, whether this browser has logged in, and its CSRF token."""
+    token = configured_token()
+    return jsonify(
+        auth_required=token is not None,
+        authenticated=session_authenticated(token),
+        csrf_token=csrf_token(),
+    )
+
+
+@bp.post("/login")
+def login() -> Response | tuple[Response, int]:
+    """Log in with the token: the session cookie (HttpOnly, SameSite=Strict) keeps it."""
+    token = configured_token()
+    if token is None:
+        return jsonify(authenticated=True, auth_required=False, csrf_token=csrf_token())
+    given = _body().get("token")
+    if not token_matches(given, token):
+        time.sleep(0.2)  # a guessing script gets five tries a second per thread, not thousands
+        return _error(401, "wrong token", "token")
+    session["auth"] = token_fingerprint(token)
+    return jsonify(authenticated=True, auth_required=True, csrf_token=csrf_token())
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """Forget this browser's login."""
+    session.pop("auth", None)
+    return jsonify(authenticated=configured_token() is None)
+
+
+# -- profiles --------------------------------------------------------------------------------------
+@bp.get("/profiles")
+def list_profiles() -> Response:
+    """The built-in profiles: name and description."""
+    out = []
+    for name, path in sorted(builtin_profiles().items()):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            data = {}
+        description = str(data.get("description", "")).strip() if isinstance(data, dict) else ""
+        out.append({"name": name, "description": description})
+    return jsonify(profiles=out)
+
+
+@bp.get("/profiles/<name>")
+def get_profile(name: str) -> Response:
+    """A built-in profile's YAML, as written (`${VAR}` placeholders stay; secret-looking keys are ***)."""
+    path = builtin_profiles().get(name)
+    if path is None:
+        raise ApiError(404, f"no built-in profile named {name!r}")
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    safe = redact(data)
+    if safe != data:
+        text = yaml.safe_dump(safe, sort_keys=False, allow_unicode=True)
+    return jsonify(name=name, yaml=text)
+
+
+def _overrides(body: dict[str, Any]) -> list[str]:
+    overrides = body.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ApiError(400, 'overrides: expected a list of "dotted.key=value" strings', "overrides")
+    if len(overrides) > MAX_OVERRIDES:
+        raise ApiError(400, f"overrides: at most {MAX_OVERRIDES}", "overrides")
+    return list(overrides)
+
+
+def _profile_text(body: dict[str, Any], key: str = "yaml") -> str:
+    text = body.get(key)
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, f"{key}: expected the profile's YAML text", key)
+    limit = int(current_app.config["MAX_PROFILE_BYTES"])
+    if len(text.encode("utf-8")) > limit:
+        raise ApiError(413, f"{key}: the profile is larger than {limit} bytes", key)
+    return text
+
+
+def _load(body: dict[str, Any], overrides: list[str]) -> LoadedProfile:
+    """The profile a request names (`profile`: a built-in name) or carries (`yaml`), validated."""
+    has_name, has_yaml = body.get("profile") is not None, body.get("yaml") is not None
+    if has_name == has_yaml:
+        raise ApiError(400, "give either profile (a built-in name) or yaml (the profile's text)", "profile")
+    if has_name:
+        name = body["profile"]
+        path = builtin_profiles().get(name) if isinstance(name, str) else None
+        if path is None:
+            # only built-in names: a path would let a client read files on the server
+            raise ApiError(400, f"profile: no built-in profile named {name!r}", "profile")
+        return load_profile_text(path.read_text(encoding="utf-8"), str(path), overrides, base_dir=path.parent)
+    return load_profile_text(_profile_text(body), "panel", overrides)
+
+
+def _describe(loaded: LoadedProfile) -> dict[str, Any]:
+    profile = loaded.profile
+    return {
+        "ok": True,
+        "name": profile.name,
+        "description": profile.description,
+        "duration_s": profile.duration,
+        "groups": [
+            {
+                "name": name,
+                "simulator": g.simulator,
+                "mode": g.mode,
+                "users": g.users,
+                "arrival_rate": g.arrival_rate,
+                "target": g.base,
+                "processes": g.processes,
+            }
+            for name, g in profile.groups.items()
+        ],
+        "thresholds": [t.expr for t in profile.thresholds],
+    }
+
+
+@bp.post("/profiles/validate")
+def validate_profile() -> Response:
+    """Validate a profile's YAML: `{ok, name, groups}` or 400 `{error, field}`."""
+    body = _body()
+    loaded = load_profile_text(_profile_text(body), "panel", _overrides(body))
+    return jsonify(_describe(loaded))
+
+
+# -- runs ------------------------------------------------------------------------------------------
+@bp.post("/runs")
+def start_run() -> tuple[Response, int]:
+    """Start a run: `{profile | yaml, overrides?, duration?}` → 201 `{run_id}`."""
+    body = _body()
+    overrides = _overrides(body)
+    duration = body.get("duration")
+    if duration is not None:
+        try:
+            if isinstance(duration, bool) or not isinstance(duration, str | int | float):
+                raise ValueError(f"expected a duration such as 30s, got {duration!r}")
+            parse_duration(duration if isinstance(duration, str) else str(duration))
+        except ValueError as exc:
+            raise ApiError(400, f"duration: {exc}", "duration") from None
+        overrides.append(f"duration={duration}")
+    loaded = _load(body, overrides)
+    run_id = get_runs().start(loaded, _who())
+    return jsonify(run_id=run_id), 201
+
+
+def _run_row(run: Run, record: RunRecord | None, baselines: dict[str, str]) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(run.summary_json) if run.summary_json else {}
+    totals = summary.get("totals") or {}
+    active = record is not None and record.active
+    ended = run.ended_at
+    return {
+        "id": run.id,
+        "profile": run.profile,
+        "description": run.description,
+        "status": record.controller.status if record is not None and active else run.status,
+        "started_at": run.started_at,
+        "ended_at": ended,
+        "duration_s": round((ended or time.time()) - run.started_at, 3),
+        "planned_duration_s": run.duration_s,
+        "requests": totals.get("requests"),
+        "failures": totals.get("failures"),
+        "error_rate": totals.get("error_rate"),
+        "rps": totals.get("rps"),
+        "p95_ms": totals.get("p95_ms"),
+        "exit_code": run.exit_code,
+        "reason": run.reason,
+        "baseline": baselines.get(run.profile) == run.id,
+        "active": active,
+    }
+
+
+def _memory_row(record: RunRecord) -> dict[str, Any]:
+    """A run this panel started that has no database row (yet, or ever: it failed at start)."""
+    c = record.controller
+    return {
+        "id": c.run_id,
+        "profile": c.loaded.profile.name,
+        "description": c.loaded.profile.description,
+        "status": c.status,
+        "started_at": c.started_at or record.created_at,
+        "ended_at": None,
+        "duration_s": 0.0,
+        "planned_duration_s": c.loaded.profile.duration,
+        "requests": None,
+        "failures": None,
+        "error_rate": None,
+        "rps": None,
+        "p95_ms": None,
+        "exit_code": record.exit_code,
+        "reason": c.error or "",
+        "error": c.error,
+        "baseline": False,
+        "active": record.active,
+    }
+
+
+@bp.get("/runs")
+def list_runs() -> Response:
+    """Every recorded run, newest first (`?limit=`, default 200)."""
+    limit = _int_arg("limit", 200, 1, 10000)
+    store, manager = get_store(), get_runs()
+    rows = store.list_runs(limit)
+    baselines = store.baselines()
+    out = [_run_row(r, manager.get(r.id), baselines) for r in rows]
+    known = {r.id for r in rows}
+    extra = [_memory_row(rec) for rec in manager.records() if rec.run_id not in known]
+    if extra and len(rows) == limit:
+        oldest = rows[-1].started_at
+        extra = [e for e in extra if e["started_at"] >= oldest]
+    out = sorted(out + extra, key=lambda r: r["started_at"], reverse=True)
+    return jsonify(runs=out)
+
+
+def _find_run(run_id: str) -> tuple[Run | None, RunRecord | None]:
+    """The stored run and this panel's record of it; 404 when neither exists."""
+    manager = get_runs()
+    record = manager.get(run_id)
+    run = get_store().get_run(run_id)
+    if run is not None and record is None:
+        record = manager.get(run.id)
+    if run is None and record is None:
+        raise ApiError(404, f"no run {run_id!r}")
+    return run, record
+
+
+def _stored_run(run_id: str) -> Run:
+    run, _record = _find_run(run_id)
+    if run is None:
+        raise ApiError(404, f"run {run_id} has no recorded data (it did not start)")
+    return run
+
+
+def _redact_strings(value: Any) -> Any:
+    """Credentials in URLs and secret query parameters replaced with *** in every string."""
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v) for v in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
+
+
+def _summary(store: Store, run: Run) -> dict[str, Any] | None:
+    if run.summary_json:
+        stored: dict[str, Any] = json.loads(run.summary_json)
+        return stored
+    if run.status == "running":
+        return None
+    return summarize(store, run)  # a run whose controller died: recomputed from its windows
+
+
+@bp.get("/runs/<run_id>")
+def get_run(run_id: str) -> Response:
+    """`{run, summary, live, groups, profile}`: live and groups only while the run is active."""
+    run, record = _find_run(run_id)
+    manager = get_runs()
+    if run is None:
+        assert record is not None
+        row = _memory_row(record)
+        return jsonify(
+            run=row,
+            summary=None,
+            live=manager.live(record.run_id),
+            groups=manager.groups(record.run_id),
+            profile=redact(record.controller.loaded.raw),
+        )
+    store = get_store()
+    row = _run_row(run, record, store.baselines())
+    summary = None if row["active"] else _summary(store, run)
+    return jsonify(
+        run=row,
+        summary=_redact_strings(summary) if summary is not None else None,
+        live=manager.live(run.id),
+        groups=manager.groups(run.id),
+        profile=redact(json.loads(run.profile_json or "{}")),
+    )
+
+
+@bp.post("/runs/<run_id>/stop")
+def stop_run(run_id: str) -> tuple[Response, int]:
+    """Stop an active run gracefully (again: at once) → 202."""
+    _run, record = _find_run(run_id)
+    rid = record.run_id if record is not None else run_id
+    if record is None or not record.active:
+        raise ApiError(409, f"run {rid} is not active here")
+    get_runs().stop(rid, _who())
+    return jsonify(run_id=rid, status="stopping"), 202
+
+
+def _scale_value(body: dict[str, Any]) -> tuple[str, float | None]:
+    keys = [k for k in ("users", "rate") if k in body]
+    if len(keys) != 1:
+        raise ApiError(400, "give either users (closed model) or rate (open model)", "users")
+    key = keys[0]
+    value = body[key]
+    if value is None:
+        return key, None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"{key}: expected a number >= 0, or null to follow the shape again", key)
+    if key == "users" and not float(value).is_integer():
+        raise ApiError(400, "users: expected a whole number", key)
+    return key, float(value)
+
+
+@bp.post("/runs/<run_id>/groups/<group>")
+def scale_group(run_id: str, group: str) -> tuple[Response, int]:
+    """Hold a group at `{users: n}` or `{rate: n}` (null: follow its shape again) → 202."""
+    _run, record = _find_run(run_id)
+    if record is None or not record.active:
+        raise ApiError(409, f"run {run_id} is not active here")
+    key, value = _scale_value(_body())
+    groups = record.controller.loaded.profile.groups
+    if group not in groups:
+        raise ApiError(400, f"no group {group!r} in this run (groups: {', '.join(groups)})", "group")
+    expected = "users" if groups[group].mode == "closed" else "rate"
+    if key != expected:
+        raise ApiError(
+            400, f"group {group!r} uses the {groups[group].mode} model: set {expected}, not {key}", key
+        )
+    get_runs().scale(record.run_id, group, value, _who())
+    return jsonify(run_id=record.run_id, group=group, **{key: value}), 202
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a whole number, got {text!r}", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name}: expected {low}..{high}, got {value}", name)
+    return value
+
+
+@bp.get("/runs/<run_id>/series")
+def series(run_id: str) -> Response:
+    """Per-second (or per-window) rows: `?by=run|group|name&window=N` (harness.report.per_second)."""
+    run = _stored_run(run_id)
+    by = request.args.get("by", "run")
+    if by not in ("run", "group", "name"):
+        raise ApiError(400, f"by: expected run, group or name, got {by!r}", "by")
+    window = _int_arg("window", 1, 1, MAX_WINDOW)
+    rows = per_second(get_store(), run.id, window=window, by=by)
+    return jsonify(run_id=run.id, by=by, window=window, started_at=run.started_at, rows=rows)
+
+
+@bp.get("/runs/<run_id>/events")
+def events(run_id: str) -> Response:
+    """The run's timeline: lifecycle events and operator actions (with who)."""
+    run = _stored_run(run_id)
+    return jsonify(run_id=run.id, events=_redact_strings(get_store().events(run.id)))
+
+
+@bp.get("/runs/<run_id>/errors")
+def errors(run_id: str) -> Response:
+    """Distinct errors with counts, most frequent first."""
+    run = _stored_run(run_id)
+    return jsonify(run_id=run.id, errors=get_store().errors(run.id))
+
+
+@bp.get("/runs/<run_id>/datapoints")
+def datapoints(run_id: str) -> Response:
+    """The latest data point of each entity (`?limit=200`), newest first."""
+    run = _stored_run(run_id)
+    limit = _int_arg("limit", 200, 1, 5000)
+    rows = get_store().rows(
+        'SELECT d.t, d."group", d.entity, d.values_json FROM datapoint d JOIN '
+        '(SELECT MAX(id) AS id FROM datapoint WHERE run_id=:r GROUP BY "group", entity) m ON d.id = m.id '
+        "ORDER BY d.t DESC, d.entity LIMIT :limit",
+        r=run.id,
+        limit=limit,
+    )
+    points = [
+        {"t": r["t"], "group": r["group"], "entity": r["entity"], "values": json.loads(r["values_json"])}
+        for r in rows
+    ]
+    return jsonify(run_id=run.id, datapoints=points)
+
+
+def _report_folder(run: Run, summary: dict[str, Any]) -> Path:
+    if summary.get("report_dir"):
+        return Path(summary["report_dir"])
+    return get_store().path.parent / "runs" / run.id
+
+
+def _write_report(store: Store, run: Run, fmt: str, folder: Path, summary: dict[str, Any]) -> Path:
+    """Generate a missing report file into the run's report folder (what `harness report` does)."""
+    path = folder / REPORT_FILES[fmt]
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "json":
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    elif fmt == "junit":
+        from harness.report.junit import write_junit
+
+        write_junit(summary, path)
+    elif fmt == "csv":
+        from harness.report.csv import write_csv_reports
+
+        write_csv_reports(store, run.id, folder)
+    else:
+        from harness.report.html import write_html
+        from harness.timeline import analyze_timeline, auto_window
+
+        timeline = analyze_timeline(store, run.id, auto_window(float(summary.get("duration_s") or 0)))
+        write_html(store, run.id, path, summary=summary, timeline=timeline)
+    return path
+
+
+@bp.get("/runs/<run_id>/report/<fmt>")
+def report(run_id: str, fmt: str) -> Response:
+    """Download a finished run's report: html, json (summary.json), junit or csv (stats.csv)."""
+    if fmt not in REPORT_FILES:
+        raise ApiError(404, f"no report format {fmt!r}: html, json, junit or csv", "fmt")
+    run, record = _find_run(run_id)
+    if run is None or (record is not None and record.active) or run.status == "running":
+        raise ApiError(409, f"run {run_id} has not finished: its reports are written when it ends")
+    store = get_store()
+    summary = _summary(store, run) or {}
+    folder = _report_folder(run, summary)
+    path = folder / REPORT_FILES[fmt]
+    if not path.is_file():
+        path = _write_report(store, run, fmt, folder, summary)
+    inline = request.args.get("download") == "0"
+    response = send_file(
+        path,
+        mimetype=REPORT_TYPES[fmt],
+        as_attachment=not inline,
+        download_name=f"{run.id}-{REPORT_FILES[fmt]}",
+        max_age=0,
+    )
+    # the HTML report runs its own scripts: give it an opaque origin, never the panel's cookies
+    response.headers["Content-Security-Policy"] = "sandbox allow-scripts"
+    return response
+
+
+@bp.post("/runs/<run_id>/baseline")
+def mark_baseline(run_id: str) -> Response:
+    """Make a finished run the baseline of its profile (later runs are compared with it)."""
+    run, record = _find_run(run_id)
+    if run is None:
+        raise ApiError(404, f"run {run_id} has no recorded data (it did not start)")
+    if (record is not None and record.active) or run.status == "running":
+        raise ApiError(409, f"run {run.id} has not finished: mark it when it has ended")
+    store = get_store()
+    store.set_baseline(run.profile, run.id)
+    who = _who()
+    store.add_events(run.id, [{"t": time.time(), "type": "baseline_marked", "detail": {"who": who}}])
+    return jsonify(run_id=run.id, profile=run.profile, baseline=True, who=who)
+
+
+@bp.get("/compare")
+def compare() -> Response:
+    """`?run=A&baseline=B` (B defaults to A's profile's marked baseline): harness.compare's result."""
+    current = request.args.get("run")
+    if not current:
+        raise ApiError(400, "run: expected a run id", "run")
+    baseline = request.args.get("baseline") or None
+    for field, ref in (("run", current), ("baseline", baseline)):
+        if ref is not None and looks_like_file(ref):
+            raise ApiError(400, f"{field}: expected a run id, got {ref!r}", field)
+    limits = Limits(
+        p95_pct=_float_arg("p95", 20.0),
+        p99_pct=_float_arg("p99", 20.0),
+        error_rate_pp=_float_arg("error_rate", 5.0),
+    )
+    store = get_store()
+    for field, ref in (("run", current), ("baseline", baseline)):
+        if ref is not None and store.get_run(ref) is None:
+            raise ApiError(404, f"{field}: no run matches {ref!r}", field)
+    try:
+        result = compare_runs(store, current, baseline, limits)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "baseline") from None
+    return jsonify(_redact_strings(result))
+
+
+def _float_arg(name: str, default: float) -> float:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a number, got {text!r}", name) from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"{name}: expected a number >= 0", name)
+    return value
+
+
+__all__ = ["ApiError", "bp"]

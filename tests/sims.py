@@ -93,3 +93,15 @@ def _restarted() -> bool:
     with open(marker, "w") as f:
         f.write("1")
     return False
+
+
+class Burner(Simulator):
+    """Spins the CPU for 20 ms per iteration: a worker that keeps its core at 100%."""
+
+    name = "burner"
+
+    async def iteration(self, user: User) -> None:
+        with self.metrics.timer("burn", kind="test"):
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:
+                pass

@@ -24,6 +24,10 @@ SATURATE = [
     "targets.echo.concurrency=64",
     "targets.echo.service_time=0",
     "thresholds=[]",
+    # and a worker per core that only burns CPU, so the machine is at its limit whatever the HTTP side does
+    "groups.burn.simulator=tests.sims:Burner",
+    "groups.burn.users=2",
+    "groups.burn.processes=2",
 ]
 
 
@@ -89,6 +93,7 @@ def test_panel_answers_and_ticks_while_the_cores_are_saturated(panel: str) -> No
             f"max latency /api/runs {max(latencies['runs']) * 1000:.0f} ms, "
             f"/api/runs/<id> {max(latencies['run']) * 1000:.0f} ms; ticks {arrived}"
         )
+        assert cpu >= 80, f"the run did not saturate the machine ({cpu:.0f}% CPU)"
         assert max(latencies["runs"]) < 1.0, latencies
         assert max(latencies["run"]) < 1.0, latencies
         assert arrived >= 8 * elapsed / 10, (arrived, elapsed)

@@ -153,6 +153,11 @@ class Collector:
                 logs,
             )
         tick = self._tick()
+        # the timeline's new moments ride along, so a live view needs no polling for its markers
+        tick["events"] = [
+            {"t": e["t"], "type": e["type"], "group": e.get("group"), "detail": e.get("detail") or {}}
+            for e in events
+        ]
         self.last_tick = tick
         for listener in list(self.listeners):
             try:

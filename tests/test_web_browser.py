@@ -202,6 +202,8 @@ def test_panel_start_scale_stop_history(panel: str, browser: Any, tmp_path: Path
     box.send_keys("7")
     browser.find_element(By.ID, "scale-btn-browse").click()
     wait_for(browser, "browse at 7 users", lambda d: text(d, "group-users-browse") == "7", timeout=30)
+    # the operator action reaches the charts' time axis with the next ticks (pushed, not polled)
+    wait_for(browser, "the scaling marker", lambda d: "scaled by hand" in text(d, "live-legend"), timeout=10)
     browser.execute_script("document.getElementById('groups-table').scrollIntoView()")
     shot("scaled")
     browser.execute_script("window.scrollTo(0, 0)")

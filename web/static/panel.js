@@ -742,7 +742,8 @@
     var L = S.live;
     if (!L || !L.ticks.length) return;   // nothing is stored before the first tick
     var base = "api/runs/" + enc(L.id);
-    api("GET", base + "/events").then(function (res) {
+    // events come with each tick; read them from the database only to catch up (on join) and at the end
+    if (!L.rawEvents || L.ended) api("GET", base + "/events").then(function (res) {
       if (!res.ok || S.live !== L) return;
       L.rawEvents = asList(res.data, "events");
       mapLiveEvents(L);
@@ -877,7 +878,12 @@
   function onTick(t, bulk) {
     var L = S.live;
     if (L.start == null && t.t != null && t.elapsed != null) L.start = t.t - t.elapsed;
-    if (L.rawEvents) mapLiveEvents(L);
+    if (t.events && t.events.length && !bulk) {
+      // lifecycle events and operator actions arrive with the tick that stored them
+      L.rawEvents = (L.rawEvents || []).concat(t.events);
+      mapLiveEvents(L);
+      eventLegend($("live-legend"), L.events);
+    } else if (L.rawEvents) mapLiveEvents(L);
     if (L.status === "starting" || L.status === "idle") { L.status = "running"; setRunStatus("running"); }
     updateCards(t);
     updateGroups(L, t);

@@ -309,6 +309,7 @@ class RunController:
                 targets=targets,
             )
             collector.start()
+            supervisor.prepare()  # the groups' once-per-run set-up; a failure aborts below
             supervisor.start()
             view.start()
             next_abort_check = started_at + ABORT_CHECK_EVERY
@@ -323,7 +324,7 @@ class RunController:
                     if target.ensure_running():
                         collector.event("target_restarted", None, target=target.name, url=target.url)
                         log.warning("embedded target %s died and was restarted", target.name)
-                if now - started_at >= profile.duration:
+                if now - supervisor.started_at >= profile.duration:  # the clock starts after set-up
                     reason = "duration reached"
                     break
                 if supervisor.all_finished:

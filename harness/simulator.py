@@ -4,6 +4,7 @@ A simulator is a class registered under the entry-point group `harness.simulator
 profile as `package.module:Class`). A worker process creates one instance per worker for its group
 and drives many virtual users through it:
 
+    prepare_run()           once per run and group, in the controller (create shared fixtures)
     setup()                 once per worker, before any user (open sessions, load data)
     start_user(user)        once per virtual user (log in, create a wallet, join a room)
     iteration(user)         repeatedly: one unit of work; think time follows in the closed model
@@ -93,6 +94,12 @@ class SimulatorContext:
     run_dir: Path
     """A folder for files this run produces (reports, downloads, browser profiles)."""
     executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    prepared: Any = None
+    """What the simulator's `prepare_run` returned for this group (None if it has none)."""
+
+    def global_user(self, user: User) -> int:
+        """A user's index across all of the group's workers: 0, 1, 2, … with no two users alike."""
+        return user.id * self.workers + self.worker_index
 
     def target_url(self, name: str | None = None) -> str:
         """A target's base URL; without a name, the only target (UsageError if ambiguous)."""
@@ -130,6 +137,13 @@ class Simulator:
     @classmethod
     def check_profile(cls, options: Any, profile: Profile) -> None:
         """Cross-check the validated options against the whole profile; raise ValueError to reject."""
+
+    @classmethod
+    def prepare_run(cls, options: Any, targets: dict[str, str], run_id: str, log: logging.Logger) -> Any:
+        """Once per run and group, in the controller before the group's workers start (blocking calls are
+        fine: register an account, create conversations). Return JSON-serialisable data that every worker
+        gets as `ctx.prepared`; raise to abort the run with the reason."""
+        return None
 
     def __init__(self, ctx: SimulatorContext) -> None:
         self.ctx = ctx

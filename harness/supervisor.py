@@ -111,9 +111,29 @@ class Supervisor:
         self._reader: threading.Thread | None = None
         self._closing = False
         self._conns: dict[Connection, _Slot] = {}
+        self.prepared: dict[str, Any] = {}
+        """Each group's `prepare_run` result, handed to its workers."""
         collector.group_state = self.group_state
 
     # -- start -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Run each group's `Simulator.prepare_run` once; sets `fatal` with the reason if one fails."""
+        from harness.simulator import load_simulator
+
+        for name, group in self.profile.groups.items():
+            cls = load_simulator(group.simulator)
+            options = self.loaded.options.get(name) or cls.Options.model_validate(group.options)
+            began = time.time()
+            try:
+                self.prepared[name] = cls.prepare_run(
+                    options, self.targets, self.run_id, logging.getLogger(f"harness.prepare.{name}")
+                )
+            except Exception as exc:
+                self.fatal = f"group {name!r}: preparing the run failed: {type(exc).__name__}: {exc}"
+                return
+            if self.prepared[name] is not None:
+                self.collector.event("group_prepared", name, seconds=round(time.time() - began, 3))
+
     def start(self) -> None:
         """Start the pipe reader; groups start on their first tick after their start_delay."""
         self.started_at = time.time()
@@ -145,6 +165,7 @@ class Supervisor:
             total_iterations=share,
             log_level=self.log_level,
             secrets=sorted(self.loaded.secrets),
+            prepared=self.prepared.get(name),
         )
 
     def _start_group(self, state: _GroupState) -> None:
@@ -249,6 +270,8 @@ class Supervisor:
     def tick(self, now: float | None = None) -> None:
         """Apply shapes, reap dead workers, restart or give up; sets `self.fatal` on a boot error."""
         now = time.time() if now is None else now
+        if self.fatal:
+            return
         elapsed = now - self.started_at
         for state in self.groups.values():
             if state.finished:

@@ -61,6 +61,7 @@ class WorkerSpec:
     total_iterations: int | None = None
     log_level: int = logging.INFO
     secrets: list[str] = field(default_factory=list)
+    prepared: Any = None
 
     @property
     def label(self) -> str:
@@ -176,6 +177,7 @@ class Worker:
             rng=self.rng,
             run_dir=run_dir,
             executor=self.executor,
+            prepared=spec.prepared,
         )
         self.sim = sim_cls(self.ctx)
         self.target = 0.0

@@ -105,3 +105,29 @@ class Burner(Simulator):
             end = time.perf_counter() + 0.02
             while time.perf_counter() < end:
                 pass
+
+
+class PreparedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fail: bool = False
+
+
+class Prepared(Simulator):
+    """Creates a shared fixture once per run and checks every worker and user sees it."""
+
+    name = "prepared"
+    Options = PreparedOptions
+
+    @classmethod
+    def prepare_run(
+        cls, options: PreparedOptions, targets: dict[str, str], run_id: str, log: object
+    ) -> object:
+        if options.fail:
+            raise RuntimeError("the fixture service said no")
+        return {"conversations": [f"{run_id}-c{i}" for i in range(3)]}
+
+    async def iteration(self, user: User) -> None:
+        conversations = self.ctx.prepared["conversations"]
+        mine = conversations[self.ctx.global_user(user) % len(conversations)]
+        with self.metrics.timer(f"talk {mine.rsplit('-', 1)[1]}", kind="test"):
+            await asyncio.sleep(0.01)

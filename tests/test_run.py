@@ -327,3 +327,20 @@ def test_later_runs_compare_with_the_marked_baseline(tmp_path: Path) -> None:
     assert second["baseline"]["regression"] is True
     assert any("p95" in r for r in second["baseline"]["regressions"])
     assert "slower than baseline" in proc.stderr
+
+
+def test_prepare_run_hands_shared_fixtures_to_every_worker(tmp_path: Path) -> None:
+    profile = recorder_profile(simulator="tests.sims:Prepared", users=6, processes=2, options={})
+    profile["duration"] = "3s"
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    # 6 users over 2 workers, round-robin over 3 conversations: every conversation has 2 users
+    assert sorted(e["name"] for e in summary["endpoints"]) == ["talk c0", "talk c1", "talk c2"]
+    assert any(e["type"] == "group_prepared" for e in summary["events"])
+    # a failing set-up aborts the run with its reason, before any worker starts
+    profile["groups"]["rec"]["options"] = {"fail": True}
+    (tmp_path / "bad").mkdir()
+    proc, summary, _ = start(tmp_path / "bad", profile)
+    assert proc.returncode == 3, proc.stderr
+    assert "preparing the run failed: RuntimeError: the fixture service said no" in summary["reason"]
+    assert not [e for e in summary["events"] if e["type"] == "worker_started"]

@@ -554,7 +554,13 @@ def _groups_line(groups: Mapping[str, Mapping[str, Any]]) -> Text:
             x
             for x in (
                 str(g["simulator"]) if g.get("simulator") else "",
-                f"max {fmt_count(g['users_max'])} users" if g.get("users_max") is not None else "",
+                (
+                    f"max {fmt_rps(g['users_max'])}/s"
+                    if g.get("model") == "open"
+                    else f"max {fmt_count(g['users_max'])} users"
+                )
+                if g.get("users_max") is not None
+                else "",
             )
             if x
         )

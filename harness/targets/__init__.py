@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UsageError
-from harness.targets import echo
+from harness.targets import echo, llm_engine
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,16 @@ _register(
         config_model=echo.EchoConfig,
         build_app=echo.build_app,
         description="an httpbin-like HTTP service: /echo, /status/{code}, /delay/{ms}, /bytes/{n}, /json",
+    )
+)
+
+_register(
+    TargetKind(
+        name="llm_engine",
+        config_model=llm_engine.LlmEngineConfig,
+        build_app=llm_engine.build_app,
+        description="the LLM Engine event assistant (auth, topics, conversations, Recall webhook) "
+        "and an OpenAI-compatible /v1/chat/completions with streaming",
     )
 )
 

@@ -66,7 +66,7 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
     proc, summary, db = start(tmp_path, "demo", "--duration", "30s")
     assert proc.returncode == 0, proc.stderr
     assert summary["status"] == "passed"
-    assert set(summary["groups"]) == {"browse", "api", "monitor"}
+    assert set(summary["groups"]) == {"browse", "api", "monitor", "talk", "audience", "chat"}
     for group in summary["groups"]:
         assert summary["group_totals"][group]["requests"] > 0, group
     for key in ("run_id", "profile", "started_at", "ended_at"):
@@ -99,7 +99,8 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
     assert api and all("intended" in e for e in api)
     # every second is in the database: about 30 seconds of windows per group
     seconds = rows(db, 'SELECT "group", COUNT(DISTINCT t) FROM window GROUP BY "group"')
-    assert all(n >= 27 for _, n in seconds), seconds
+    # (the steady HTTP groups record every second; the LLM groups think for seconds between requests)
+    assert all(n >= 27 for group, n in seconds if group in ("browse", "api", "monitor")), seconds
     assert rows(db, "SELECT status FROM run") == [("passed",)]
 
 

@@ -30,8 +30,13 @@ ASSETS = Path(__file__).with_name("assets")
 MAX_POINTS = 1500
 """Longer runs merge seconds into wider windows so the embedded series stay small."""
 MAX_ERRORS = 200
-SECRET_KEY = re.compile(r"token|key|secret|passw|authorization|auth|cookie|credential|private", re.I)
-"""Profile keys whose values are shown as `***`, whatever they hold."""
+SECRET_KEY = re.compile(
+    r"(?:^|[_\-])(?:token|api[_\-]?key|key|secret|passw(?:or)?d|passphrase|authorization|auth|cookie"
+    r"|credentials?|private[_\-]?key|jwt[_\-]?secret)(?:$|[_\-])",
+    re.I,
+)
+"""Keys whose values are secrets (`token`, `api_key`, `Authorization`, `wallet_key` …) but not counts
+such as `max_tokens`: shown as `***`, whatever they hold."""
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&;](?:[a-z_]*(?:token|key|secret|password|auth)[a-z_]*))=[^&#\s]*", re.I

@@ -205,6 +205,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _db_arg(report)
 
+    genie = sub.add_parser(
+        "genie",
+        help="Databricks Genie tools: export a space's conversations for replay",
+        description="Databricks Genie tools (needs pip install 'harness[genie]').",
+    )
+    genie_sub = genie.add_subparsers(dest="genie_command", metavar="SUBCOMMAND", required=True)
+    export = genie_sub.add_parser(
+        "export",
+        help="export a Genie space's conversations to YAML (the replayer's input)",
+        description="Export a Genie space's conversations, through databricks-sdk, to the YAML the genie "
+        "simulator replays. Auth: DATABRICKS_HOST and DATABRICKS_TOKEN, a .databrickscfg profile, or "
+        "the Databricks CLI's login; --host overrides the host.",
+        epilog="example: harness genie export --space-id 01ef... --from 7d -o conversations.yaml",
+    )
+    export.add_argument("--space-id", required=True, metavar="ID", help="the Genie space")
+    export.add_argument(
+        "--include-all", action="store_true", help="every user's conversations (needs CAN MANAGE)"
+    )
+    export.add_argument(
+        "--from", dest="from_", metavar="WHEN", help="created since: 7d, 24h, 30m, 1w, ISO, date"
+    )
+    export.add_argument("--to", metavar="WHEN", help="created until (same forms)")
+    export.add_argument("--max-conversations", type=int, metavar="N", help="stop after N conversations")
+    export.add_argument(
+        "-o", "--output", type=Path, default=Path("conversations.yaml"), help="default conversations.yaml"
+    )
+    export.add_argument("--host", help="workspace URL (default: DATABRICKS_HOST / the profile)")
+    export.add_argument("--databricks-profile", metavar="NAME", help="a .databrickscfg profile")
+    export.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on an unreachable host after this long (default 10; the SDK's own is 300)",
+    )
+
     target = sub.add_parser(
         "target",
         help="run an embedded reference target on its own",
@@ -717,6 +753,69 @@ def cmd_report(args: argparse.Namespace) -> int:
         store.close()
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_genie(args: argparse.Namespace) -> int:
+    """`harness genie export`: a space's conversations to YAML, with a progress bar."""
+    from harness.errors import MissingExtraError
+
+    try:
+        from simulators.genie import conversations as conv
+        from simulators.genie.client import workspace_client
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError("genie", exc.name or "databricks-sdk", "genie") from None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if args.max_conversations is not None and args.max_conversations < 1:
+        raise UsageError("--max-conversations: expected a number >= 1")
+    try:
+        from_ms = conv.parse_when(args.from_) if args.from_ else None
+        to_ms = conv.parse_when(args.to) if args.to else None
+    except ValueError as exc:
+        raise UsageError(f"--from/--to: {exc}") from None
+    client = workspace_client(args.host, None, args.databricks_profile, args.retry_timeout, connections=4)
+    host = client.config.host
+    stderr = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    ) as progress:
+        task = progress.add_task(
+            f"exporting space {args.space_id}", total=args.max_conversations, detail="listing"
+        )
+
+        def advance(listed: int, exported: int, messages: int) -> None:
+            progress.update(
+                task,
+                completed=exported if args.max_conversations else None,
+                detail=f"{exported} conversations, {messages} messages ({listed} listed)",
+            )
+
+        try:
+            document = conv.export_conversations(
+                client,
+                args.space_id,
+                include_all=args.include_all,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                max_conversations=args.max_conversations,
+                on_progress=advance,
+            )
+        except Exception as exc:
+            raise UsageError(conv.explain_error(exc, host, args.space_id, args.include_all)) from None
+    conv.write_conversations(document, args.output)
+    print(
+        f"exported {document['total_conversations']} conversations, {document['total_messages']} messages "
+        f"from space {args.space_id} to {args.output}"
+    )
     return 0
 
 

@@ -16,7 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from harness.metrics import merge_into, new_histogram, percentiles_ms
+from harness.metrics import counts_as_failure, counts_as_request, merge_into, new_histogram, percentiles_ms
 from harness.store import Store
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,8 @@ class Collector:
                     failures += f
                     merge_into(hist, encoded)
             p = percentiles_ms(hist, (50, 95, 99))
-            if self._kinds.get((group, name)) != "error" and hist.get_total_count():
+            kind = self._kinds.get((group, name), "request")
+            if counts_as_request(kind) and hist.get_total_count():
                 group_hists.setdefault(group, new_histogram()).add(hist)
                 total_hist.add(hist)
             total_requests, total_failures = self._totals[(group, name)]
@@ -289,7 +290,7 @@ class Collector:
                 {
                     "group": group,
                     "name": name,
-                    "kind": self._kinds.get((group, name), "request"),
+                    "kind": kind,
                     "rps": count / span,
                     "errors_per_s": failures / span,
                     "p50_ms": p[50],
@@ -300,10 +301,12 @@ class Collector:
                 }
             )
             g = groups.setdefault(group, {"rps": 0.0, "errors_per_s": 0.0, "requests": 0, "failures": 0})
-            g["rps"] += count / span
-            g["errors_per_s"] += failures / span
-            g["requests"] += total_requests
-            g["failures"] += total_failures
+            if counts_as_request(kind):
+                g["rps"] += count / span
+                g["requests"] += total_requests
+            if counts_as_failure(kind):
+                g["errors_per_s"] += failures / span
+                g["failures"] += total_failures
         state = self.group_state()
         for name, info in state.items():
             g = groups.setdefault(name, {"rps": 0.0, "errors_per_s": 0.0, "requests": 0, "failures": 0})

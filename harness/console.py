@@ -527,6 +527,8 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     if groups:
         console.print(_groups_line(groups))
     console.print(_summary_endpoints(summary.get("endpoints") or [], summary.get("totals") or {}))
+    for extra in summary.get("tables") or []:
+        console.print(_summary_table(extra))
     thresholds = summary.get("thresholds") or []
     if thresholds:
         console.print(_summary_thresholds(thresholds, ascii_only))
@@ -639,6 +641,35 @@ def _summary_thresholds(thresholds: list[Mapping[str, Any]], ascii_only: bool = 
             "missing" if value is None else f"{value:.4g}",
         )
     return table
+
+
+def _summary_table(extra: Mapping[str, Any]) -> Table:
+    """A simulator's end-of-run table (`Simulator.summary_tables`): numbers right-aligned."""
+    rows = [list(r) for r in extra.get("rows") or []]
+    title = f"{extra.get('group')}: {extra.get('title', '')}" if extra.get("group") else extra.get("title")
+    table = Table(
+        title=str(title or ""),
+        title_justify="left",
+        caption=str(extra.get("note") or "") or None,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+    )
+    for i, column in enumerate(extra.get("columns") or []):
+        numeric = bool(rows) and all(isinstance(r[i], int | float) for r in rows if i < len(r))
+        table.add_column(str(column), justify="right" if numeric else "left")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "" if value is None else str(value)
 
 
 def _summary_errors(errors: list[Mapping[str, Any]]) -> Table:

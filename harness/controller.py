@@ -26,6 +26,7 @@ from typing import Any
 from harness.collector import Collector
 from harness.errors import (
     EXIT_ABORTED,
+    EXIT_BAD_INPUT,
     EXIT_PASSED,
     EXIT_THRESHOLDS_FAILED,
     HarnessError,
@@ -379,6 +380,8 @@ class RunController:
         if status == "running":
             status = "passed" if all(r["ok"] for r in results) else "failed"
         exit_code = {"passed": EXIT_PASSED, "failed": EXIT_THRESHOLDS_FAILED}.get(status, EXIT_ABORTED)
+        if status == "aborted" and supervisor.fatal_is_bad_input:
+            exit_code = EXIT_BAD_INPUT
         summary.update(
             status=status, thresholds=results, reason=reason, report_dir=str(report_dir), exit_code=exit_code
         )

@@ -5,6 +5,7 @@ A simulator records through `ctx.metrics` (one `Metrics` per worker):
     metrics.request("GET /home", latency_s, ok=True, bytes_received=512)
     with metrics.timer("login"):            # also `async with`, and @metrics.timer("x") on a function
         ...
+    metrics.phase("time_to_first_token", ttft_s)   # part of a request above: kept out of totals
     metrics.counter("messages_sent")
     metrics.gauge("queue_depth", 12)
     metrics.datapoint("peer-7", {"rtt_ms": 3.1, "jitter_ms": 0.4})
@@ -31,6 +32,25 @@ LOWEST_US = 1
 HIGHEST_US = 3_600_000_000
 SIGNIFICANT_DIGITS = 3
 """Histogram range 1 µs .. 1 h at 3 significant digits: every percentile within 0.1%."""
+
+ERROR_KIND = "error"
+"""Kind of a whole failed iteration (e.g. `(iteration)`): a failure in the totals, not a request."""
+
+PHASE_KIND = "phase"
+"""Kind of a measurement that is part of a request recorded under another name (a time to first token,
+a polling phase, a per-position view of the same message): it has its own row, histogram and failures,
+but group and run totals leave it out, so no operation is counted twice."""
+
+
+def counts_as_request(kind: str) -> bool:
+    """Whether rows of this kind add to the request count and latency of group and run totals."""
+    return kind != ERROR_KIND and kind != PHASE_KIND
+
+
+def counts_as_failure(kind: str) -> bool:
+    """Whether failures of rows of this kind add to the failures of group and run totals."""
+    return kind != PHASE_KIND
+
 
 MAX_ERROR_MESSAGES = 50
 """Distinct error messages kept per name per second; the rest count under one 'other' line."""
@@ -205,6 +225,12 @@ class Metrics:
                 stat.errors[message] = stat.errors.get(message, 0) + 1
             else:
                 stat.errors["(other errors)"] = stat.errors.get("(other errors)", 0) + 1
+
+    def phase(
+        self, name: str, latency: float, *, ok: bool = True, error: BaseException | str | None = None
+    ) -> None:
+        """Record part of an operation recorded elsewhere (kind `phase`): its own row, not in totals."""
+        self.request(name, latency, kind=PHASE_KIND, ok=ok, error=error)
 
     def timer(self, name: str, kind: str = "request") -> Any:
         """A context manager (sync or async) or decorator that records the block's duration as `name`."""

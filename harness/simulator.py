@@ -145,6 +145,15 @@ class Simulator:
         gets as `ctx.prepared`; raise to abort the run with the reason."""
         return None
 
+    @classmethod
+    def summary_tables(
+        cls, group: str, endpoints: list[dict[str, Any]], counters: dict[str, float]
+    ) -> list[dict[str, Any]]:
+        """Tables for the end of a run (a cache's hit rates, …) from the group's `endpoints` rows of the
+        summary and its counter totals: each `{"title", "columns": [..], "rows": [[..]], "note"?}`.
+        They go into `summary.json` (`tables`), the terminal summary and the HTML report."""
+        return []
+
     def __init__(self, ctx: SimulatorContext) -> None:
         self.ctx = ctx
         self.options: Any = ctx.options

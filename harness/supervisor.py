@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from harness.collector import Collector
-from harness.errors import WorkerBootError
+from harness.errors import UsageError, WorkerBootError
 from harness.profile import Group, LoadedProfile
 from harness.simulator import registered_simulators
 from harness.store import Store
@@ -107,6 +107,8 @@ class Supervisor:
         self.groups = {name: _GroupState(name, cfg) for name, cfg in self.profile.groups.items()}
         self.started_at = 0.0
         self.fatal: str | None = None
+        self.fatal_is_bad_input = False
+        """True when `fatal` comes from bad input (a missing file, rejected credentials): exit 2, not 3."""
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._closing = False
@@ -128,6 +130,10 @@ class Supervisor:
                 self.prepared[name] = cls.prepare_run(
                     options, self.targets, self.run_id, logging.getLogger(f"harness.prepare.{name}")
                 )
+            except UsageError as exc:
+                self.fatal = f"group {name!r}: {exc}"
+                self.fatal_is_bad_input = True
+                return
             except Exception as exc:
                 self.fatal = f"group {name!r}: preparing the run failed: {type(exc).__name__}: {exc}"
                 return

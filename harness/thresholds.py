@@ -51,7 +51,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from harness.durations import format_duration, parse_duration
-from harness.metrics import merge_into, new_histogram
+from harness.metrics import ERROR_KIND, PHASE_KIND, merge_into, new_histogram
 from harness.store import Store
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -333,9 +333,11 @@ class _Acc:
         "hist",
         "matched",
         "requests",
+        "whole_group",
     )
 
     def __init__(self, threshold: Threshold) -> None:
+        self.whole_group = threshold.name_glob is None
         self.matched = False
         self.requests = 0
         self.failures = 0
@@ -347,9 +349,11 @@ class _Acc:
         self.dropped = 0
 
     def add_window(self, row: dict[str, Any]) -> None:
+        if row["kind"] == PHASE_KIND and self.whole_group:
+            return  # part of a request counted under another name (as in the summary's totals)
         self.matched = True
         self.failures += int(row["failures"])
-        if row["kind"] == "error":
+        if row["kind"] == ERROR_KIND:
             return  # a whole iteration failed: a failure, not a request, no latency (as in the summary)
         self.requests += int(row["count"])
         if self.hist is not None:

@@ -66,7 +66,7 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
     proc, summary, db = start(tmp_path, "demo", "--duration", "30s")
     assert proc.returncode == 0, proc.stderr
     assert summary["status"] == "passed"
-    assert set(summary["groups"]) == {"browse", "api", "monitor", "talk", "audience", "chat"}
+    assert set(summary["groups"]) == {"browse", "api", "monitor", "talk", "audience", "chat", "analysts"}
     for group in summary["groups"]:
         assert summary["group_totals"][group]["requests"] > 0, group
     for key in ("run_id", "profile", "started_at", "ended_at"):

@@ -30,7 +30,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from harness.errors import UsageError
-from harness.metrics import merge_into, new_histogram
+from harness.metrics import counts_as_failure, counts_as_request, merge_into, new_histogram
 from harness.store import Run, Store
 
 CSV_PERCENTILES: tuple[float, ...] = (50, 66, 75, 80, 90, 95, 98, 99, 99.9, 99.99, 100)
@@ -195,11 +195,12 @@ def stats_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
     rows = []
     for (group, name), entry in sorted(per.items()):
         rows.append(_stats_row(entry["kind"], name, group, entry, seconds))
-        if entry["kind"] != "error":
+        if counts_as_request(entry["kind"]):
             total["requests"] += entry["requests"]
             total["bytes"] += entry["bytes"]
             total_hist.add(entry["hist"])
-        total["failures"] += entry["failures"]
+        if counts_as_failure(entry["kind"]):
+            total["failures"] += entry["failures"]
     rows.append(_stats_row("", AGGREGATED, "", {**total, "hist": total_hist}, seconds))
     return rows
 
@@ -261,11 +262,12 @@ def history_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
             state = running.setdefault(key, _Running())
             if cell is not None:
                 state.add(cell)
-                if kinds[key] != "error":
+                if counts_as_request(kinds[key]):
                     second_total["count"] += cell["count"]
                     second_total["bytes"] += cell["bytes"]
                     second_total["hist"].add(cell["hist"])
-                second_total["failures"] += cell["failures"]
+                if counts_as_failure(kinds[key]):
+                    second_total["failures"] += cell["failures"]
             group, name = key
             rows.append(_history_row(t, group_users.get(group, 0), kinds[key], name, group, cell, state))
         aggregated.add(second_total)

@@ -77,6 +77,7 @@ def render_html(
             _charts(),
             _endpoints(summary),
             _groups(summary),
+            _simulator_tables(summary),
             _thresholds(summary),
             _errors(errors, run.started_at),
             _timeline(timeline, run.started_at),
@@ -485,6 +486,27 @@ def _groups(summary: dict[str, Any]) -> str:
             ]
         )
     return _section("Groups", _table(columns, rows), "open model: max arrival rate", anchor="groups")
+
+
+def _simulator_tables(summary: dict[str, Any]) -> str:
+    """Each simulator's end-of-run tables (`Simulator.summary_tables`), one section each."""
+    out = []
+    for i, extra in enumerate(summary.get("tables") or []):
+        rows = [list(r) for r in extra.get("rows") or []]
+        names = [str(c) for c in extra.get("columns") or []]
+        columns = [
+            (name, "num" if rows and all(isinstance(r[j], int | float) for r in rows) else "text")
+            for j, name in enumerate(names)
+        ]
+        body = [
+            [(_e(v if not isinstance(v, float) else f"{v:.4g}"), v) for v in row[: len(columns)]]
+            for row in rows
+        ]
+        title = extra.get("title", "")
+        if extra.get("group"):
+            title = f"{extra['group']}: {title}"
+        out.append(_section(str(title), _table(columns, body), _e(extra.get("note") or ""), f"table-{i}"))
+    return "".join(out)
 
 
 def _thresholds(summary: dict[str, Any]) -> str:

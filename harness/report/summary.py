@@ -7,13 +7,17 @@ at any time — including one whose controller was killed.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from harness.metrics import merge_into, new_histogram
+from harness.metrics import counts_as_failure, counts_as_request, merge_into, new_histogram
+from harness.simulator import load_simulator
 from harness.store import Run, Store
+
+log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 95, 99)
 CPU_WARNING = 80.0
@@ -80,7 +84,7 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
             merge_into(entry["hist_intended"], w["hist_intended"])
     endpoints = []
     for (group, name), entry in sorted(per.items()):
-        counts_in_totals = entry["kind"] != "error"
+        counts_in_totals = counts_as_request(entry["kind"])
         stats = _stats(entry["hist"], entry["requests"], entry["failures"], seconds, entry["hist_intended"])
         endpoints.append(
             {
@@ -94,12 +98,12 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
         )
         gc = group_counts[group]
         gc[0] += entry["requests"] if counts_in_totals else 0
-        gc[1] += entry["failures"]
+        gc[1] += entry["failures"] if counts_as_failure(entry["kind"]) else 0
         if counts_in_totals:
             group_hists.setdefault(group, new_histogram()).add(entry["hist"])
             total_hist.add(entry["hist"])
             total[0] += entry["requests"]
-        total[1] += entry["failures"]
+        total[1] += entry["failures"] if counts_as_failure(entry["kind"]) else 0
     profile = json.loads(run.profile_json or "{}")
     health = store.health_summary(run.id)
     dropped_by_group = {
@@ -128,6 +132,8 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
             f"{totals['dropped']} iterations were dropped (open model could not keep the arrival rate)"
         )
     health["warnings"] = warnings
+    counters = counter_totals(store, run.id)
+    tables = simulator_tables(profile, endpoints, counters)
     all_events = store.events(run.id)
     users_max: dict[str, float] = {}
     for event in all_events:
@@ -167,12 +173,49 @@ def summarize(store: Store, run: Run, thresholds: list[dict[str, Any]] | None = 
         "endpoints": endpoints,
         "thresholds": thresholds or [],
         "groups": groups,
+        "counters": counters,
+        "tables": tables,
         "events": events,
         "errors": [
             {k: r[k] for k in ("group", "name", "message", "count")} for r in store.errors(run.id)[:50]
         ],
         "health": health,
     }
+
+
+def counter_totals(store: Store, run_id: str) -> dict[str, dict[str, float]]:
+    """Every counter's total over the run, by group and name."""
+    totals: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in store.rows(
+        "SELECT \"group\", name, SUM(value) AS total FROM metric WHERE run_id=:r AND type='counter' "
+        'GROUP BY "group", name ORDER BY "group", name',
+        r=run_id,
+    ):
+        value = float(row["total"] or 0.0)
+        totals[row["group"]][row["name"]] = int(value) if value.is_integer() else round(value, 6)
+    return dict(totals)
+
+
+def simulator_tables(
+    profile: dict[str, Any], endpoints: list[dict[str, Any]], counters: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
+    """The end-of-run tables each group's simulator adds (`Simulator.summary_tables`), tagged by group.
+
+    A simulator that cannot be loaded here (its extra is not installed where the report is rebuilt) or
+    whose hook fails adds nothing: a report must never fail because of a plugin.
+    """
+    tables: list[dict[str, Any]] = []
+    for group, cfg in (profile.get("groups") or {}).items():
+        try:
+            cls = load_simulator(str(cfg.get("simulator") or ""))
+            made = cls.summary_tables(
+                group, [e for e in endpoints if e["group"] == group], dict(counters.get(group, {}))
+            )
+        except Exception as exc:  # a plugin's failure is logged and isolated
+            log.warning("group %r: no end-of-run tables: %s", group, exc)
+            continue
+        tables.extend({"group": group, **table} for table in made)
+    return tables
 
 
 def write_summary(summary: dict[str, Any], report_dir: Path) -> Path:

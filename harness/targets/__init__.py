@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UsageError
-from harness.targets import echo, llm_engine
+from harness.targets import echo, genie, llm_engine
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,16 @@ _register(
         build_app=llm_engine.build_app,
         description="the LLM Engine event assistant (auth, topics, conversations, Recall webhook) "
         "and an OpenAI-compatible /v1/chat/completions with streaming",
+    )
+)
+
+_register(
+    TargetKind(
+        name="genie",
+        config_model=genie.GenieConfig,
+        build_app=genie.build_app,
+        description="Databricks Genie conversations, SQL statement execution and an embeddings serving "
+        "endpoint, as databricks-sdk calls them",
     )
 )
 

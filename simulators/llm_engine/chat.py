@@ -36,6 +36,8 @@ sent, a *token event* is a received SSE `data:` chunk whose `choices[0].delta.co
   `goodput_tpot`; so `1 − error_rate(chat.goodput)` is the share of requests meeting both limits
   (`error_rate(chat.goodput) < 10%` asks for 90% goodput). Counters `good_requests` / `requests_done`.
 - `chat`: the whole request (latency = e2e); it fails on an HTTP error, a broken stream or no tokens.
+  It is the only name counted in the group's totals; the others are phases of it (kind `phase`:
+  their own rows and percentiles, never counted twice in requests, rps or error rate).
 Latencies go into the usual histograms (ms in reports); each request also leaves a datapoint
 (entity `chat-user-<g>`) with all the per-request figures.
 """
@@ -143,22 +145,21 @@ class ChatSimulator(Simulator):
         history.append({"role": "assistant", "content": result["text"]})
         ttft = stamps[0] - result["t0"]
         tokens = result["usage_tokens"] or len(stamps)
-        metrics.request("ttft", ttft, kind="llm")
+        metrics.phase("ttft", ttft)
         for previous, current in itertools.pairwise(stamps):
-            metrics.request("itl", current - previous, kind="llm")
+            metrics.phase("itl", current - previous)
         tpot = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
         if tpot is not None:
-            metrics.request("tpot", tpot, kind="llm")
-        metrics.request("e2e", e2e, kind="llm")
+            metrics.phase("tpot", tpot)
+        metrics.phase("e2e", e2e)
         metrics.counter("output_tokens", tokens)
         metrics.counter("requests_done")
         good = error is None and ttft <= opts.goodput_ttft and (tpot is None or tpot <= opts.goodput_tpot)
         if good:
             metrics.counter("good_requests")
-        metrics.request(
+        metrics.phase(
             "goodput",
             e2e,
-            kind="llm",
             ok=good,
             error=None if good else f"ttft > {opts.goodput_ttft:g}s or tpot > {opts.goodput_tpot:g}s",
         )

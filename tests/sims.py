@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -36,6 +37,24 @@ class Recorder(Simulator):
         self.metrics.datapoint(f"user-{user.id}", {"n": user.data["n"]})
         if self.options.fail_every and user.data["n"] % self.options.fail_every == 0:
             raise RuntimeError("planned failure")
+
+
+class Phased(Simulator):
+    """One request per iteration with two phases of it, one of which always fails (kind `phase`)."""
+
+    name = "phased"
+
+    async def iteration(self, user: User) -> None:
+        self.metrics.request("op", 0.004, kind="test")
+        self.metrics.phase("op_first_byte", 0.001)
+        self.metrics.phase("op_check", 0.002, ok=False, error="slower than the goal")
+
+    @classmethod
+    def summary_tables(
+        cls, group: str, endpoints: list[dict[str, Any]], counters: dict[str, float]
+    ) -> list[dict[str, Any]]:
+        ops = next(e for e in endpoints if e["name"] == "op")
+        return [{"title": "ops", "columns": ["name", "count"], "rows": [["op", ops["requests"]]]}]
 
 
 class SlowBlocking(BlockingSimulator):

@@ -330,3 +330,30 @@ def test_options_defaults_follow_the_seed() -> None:
     assert cache is not None and cache.lru is not None and cache.semantic is not None
     assert (cache.lru.capacity, cache.semantic.capacity) == (100, 1000)
     assert (cache.semantic.similarity_threshold, cache.semantic.context_similarity_threshold) == (0.85, 0.80)
+
+
+def test_local_embedding_model_serves_the_semantic_cache(tmp_path: Path) -> None:
+    group = cached("memory")
+    group["options"]["cache"]["embeddings"] = {"model": "local"}
+    proc, summary, _ = start(tmp_path, profile(group), "--duration", "16s")
+    assert proc.returncode == 0, proc.stderr
+    check_cache_table(summary)
+
+
+def test_builtin_cached_memory_profile_runs_scaled_down(tmp_path: Path) -> None:
+    proc, summary, _ = start(
+        tmp_path,
+        "genie-cached-memory",
+        "--duration", "20s",
+        "--set", "groups.genie.users=3",
+        "--set", "groups.genie.spawn_rate=10",
+        "--set", "groups.genie.think_time=100ms",
+        "--set", "groups.genie.options.message_wait=50ms",
+        "--set", "groups.genie.options.sample_size=2",
+        "--set", "groups.genie.options.poll_interval=100ms",
+        "--set", "targets.genie.phases.ASKING_AI=300ms",
+        "--set", "targets.genie.failed_rate=0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert summary["status"] == "passed" and all(t["ok"] for t in summary["thresholds"])
+    check_cache_table(summary)

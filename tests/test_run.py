@@ -345,3 +345,25 @@ def test_prepare_run_hands_shared_fixtures_to_every_worker(tmp_path: Path) -> No
     assert proc.returncode == 3, proc.stderr
     assert "preparing the run failed: RuntimeError: the fixture service said no" in summary["reason"]
     assert not [e for e in summary["events"] if e["type"] == "worker_started"]
+
+
+def test_phases_have_their_own_rows_but_stay_out_of_totals_and_group_thresholds(tmp_path: Path) -> None:
+    profile = recorder_profile(simulator="tests.sims:Phased", users=2, think_time="20ms", options={})
+    profile["duration"] = "3s"
+    profile["thresholds"] = ["error_rate(rec) < 1%", "error_rate(rec.op_check) > 99%", "error_rate < 1%"]
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    by_name = {e["name"]: e for e in summary["endpoints"]}
+    ops = by_name["op"]["requests"]
+    assert ops > 10
+    assert by_name["op_check"]["kind"] == "phase" and by_name["op_check"]["failures"] == ops
+    assert by_name["op_first_byte"]["requests"] == ops
+    assert summary["group_totals"]["rec"]["requests"] == ops == summary["totals"]["requests"]
+    assert summary["totals"]["failures"] == 0
+    assert all(t["ok"] for t in summary["thresholds"]), summary["thresholds"]
+    assert summary["tables"] == [
+        {"group": "rec", "title": "ops", "columns": ["name", "count"], "rows": [["op", ops]]}
+    ]
+    stats = (tmp_path / "report" / "stats.csv").read_text().splitlines()
+    aggregated = next(line for line in stats if ",Aggregated," in line)
+    assert f",{ops},0," in aggregated  # requests, failures of the Aggregated row

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UsageError
-from harness.targets import echo, genie, llm_engine
+from harness.targets import echo, genie, llm_engine, pluto
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,17 @@ _register(
         build_app=genie.build_app,
         description="Databricks Genie conversations, SQL statement execution and an embeddings serving "
         "endpoint, as databricks-sdk calls them",
+    )
+)
+
+
+_register(
+    TargetKind(
+        name="pluto",
+        config_model=pluto.PlutoConfig,
+        build_app=pluto.build_app,
+        description="the mlop/pluto ML metrics stack on one port: run API, NDJSON ingest with the "
+        "original's validation, heartbeat",
     )
 )
 

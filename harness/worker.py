@@ -190,6 +190,7 @@ class Worker:
         self.next_user_id = 0
         self.free_users: list[User] = []
         self.in_flight = 0
+        self.stop_hooks_running = 0
         self.started_iterations = 0
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -331,7 +332,11 @@ class Worker:
             self.user_objs.pop(user.id, None)
             if finished:
                 self.finished_users += 1
-            await self._stop_hook(user)
+            self.stop_hooks_running += 1  # so a drain waits for it (a run's finish may flush data)
+            try:
+                await self._stop_hook(user)
+            finally:
+                self.stop_hooks_running -= 1
             self._maybe_done()
 
     async def _start_hook(self, user: User) -> bool:
@@ -468,7 +473,7 @@ class Worker:
         for user_id in list(self.user_objs):
             self._retire_user(user_id)
         deadline = time.monotonic() + grace
-        while (self.in_flight > 0 or self.users) and time.monotonic() < deadline:
+        while (self.in_flight > 0 or self.users or self.stop_hooks_running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         current = asyncio.current_task()
         pending = [t for t in self.tasks if not t.done() and t is not current]

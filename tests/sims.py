@@ -57,6 +57,19 @@ class Phased(Simulator):
         return [{"title": "ops", "columns": ["name", "count"], "rows": [["op", ops["requests"]]]}]
 
 
+class SlowStop(Simulator):
+    """A user whose stop hook takes a while (a training run flushing its last points)."""
+
+    name = "slow-stop"
+
+    async def iteration(self, user: User) -> None:
+        self.metrics.request("op", 0.001)
+
+    async def stop_user(self, user: User) -> None:
+        await asyncio.sleep(1.5)
+        self.metrics.counter("stopped")
+
+
 class SlowBlocking(BlockingSimulator):
     """A blocking client (like Selenium) running in the worker's thread pool."""
 

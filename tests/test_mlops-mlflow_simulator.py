@@ -45,16 +45,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert leftovers(running) == []
 
 
-def drive(
-    options: dict[str, Any],
-    users: int,
-    iterations: int,
-    run_id: str,
-    targets: dict[str, str],
-    prepared: Any = None,
-) -> tuple[list[dict[str, Any]], float]:
-    """Run `users` users of one worker for `iterations` iterations each, then stop them; the drained
-    metrics and the seconds the users took."""
+def make_simulator(
+    options: dict[str, Any], run_id: str, targets: dict[str, str], prepared: Any = None
+) -> tuple[MlflowLoopSimulator, Metrics, ThreadPoolExecutor]:
+    """A simulator for worker 0 of group `train`, with its own thread pool (shut it down after)."""
     opts = MlflowLoopOptions.model_validate(options)
     if prepared is None:
         prepared = MlflowLoopSimulator.prepare_run(opts, targets, run_id, logging.getLogger("test"))
@@ -74,9 +68,22 @@ def drive(
         executor=executor,
         prepared=prepared,
     )
+    return MlflowLoopSimulator(ctx), metrics, executor
+
+
+def drive(
+    options: dict[str, Any],
+    users: int,
+    iterations: int,
+    run_id: str,
+    targets: dict[str, str],
+    prepared: Any = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Run `users` users of one worker for `iterations` iterations each, then stop them; the drained
+    metrics and the seconds the users took."""
+    sim, metrics, executor = make_simulator(options, run_id, targets, prepared)
 
     async def main() -> float:
-        sim = MlflowLoopSimulator(ctx)
         await sim.setup()
         began = time.perf_counter()
 
@@ -191,7 +198,10 @@ def test_batch_and_metric_mode_compared(server: Server) -> None:
     assert results["batch"]["points_per_s"] > 2 * results["metric"]["points_per_s"]
 
 
-def test_log_every_batch_metrics_and_console_artifacts(server: Server, tmp_path: Path) -> None:
+def test_log_every_batch_metrics_and_console_artifacts(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # for download_artifacts below
     options = {
         "experiment": "console",
         "steps": 95,
@@ -218,6 +228,34 @@ def test_log_every_batch_metrics_and_console_artifacts(server: Server, tmp_path:
         local = client.download_artifacts(run_id, path, str(tmp_path))
         lines += Path(local).read_text().splitlines()
     assert [line.split(" - ")[0] for line in lines] == [f"Training step {s} completed" for s in range(1, 96)]
+
+
+def test_a_cancelled_stop_still_finishes_the_run(server: Server) -> None:
+    # A stopping worker cancels users still in stop_user: the run is finished and recorded all the same.
+    options = {"experiment": "cancelled", "steps": 50}
+    sim, metrics, executor = make_simulator(options, "t-cancel", {"m": server.url})
+
+    async def main() -> None:
+        await sim.setup()
+        user = User(0)
+        await sim.start_user(user)
+        for _ in range(3):
+            await sim.iteration(user)
+        stop = asyncio.ensure_future(sim.stop_user(user))
+        await asyncio.sleep(0.001)  # the finish call is on its way
+        stop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stop
+        await sim.teardown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        executor.shutdown(wait=True)
+    stats = merged([metrics.drain(everything=True)])
+    assert stats["run_finish"]["count"] == 1 and stats["run_finish"]["failures"] == 0
+    [run] = check_runs(server.url, options, "t-cancel")
+    assert run["steps"] == [1, 2, 3]
 
 
 def closed_port() -> int:

@@ -367,3 +367,12 @@ def test_phases_have_their_own_rows_but_stay_out_of_totals_and_group_thresholds(
     stats = (tmp_path / "report" / "stats.csv").read_text().splitlines()
     aggregated = next(line for line in stats if ",Aggregated," in line)
     assert f",{ops},0," in aggregated  # requests, failures of the Aggregated row
+
+
+def test_a_stopping_run_waits_for_every_stop_hook_within_the_grace(tmp_path: Path) -> None:
+    profile = recorder_profile(simulator="tests.sims:SlowStop", users=6, think_time="50ms", options={})
+    profile["duration"], profile["stop_grace"] = "2s", "5s"
+    proc, summary, _ = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    assert summary["counters"]["rec"]["stopped"] == 6
+

@@ -33,7 +33,8 @@ What is recorded (kind `mlflow`):
 - requests `run_create`, `log_params`, `log_batch` (batch mode) or `log_metric` (metric mode, one per
   value), `log_text` and `run_finish`. Every MLflow call is synchronous (`synchronous=True`): when it
   returns, the server has stored the data, so a call's latency IS the time to acknowledgment. It is
-  measured in the worker thread around the call alone (no thread-pool queueing). A failed call is a
+  measured in the worker thread around the call alone: a worker runs 64 calls at once, so beyond 64
+  busy users per worker calls wait for a thread, unmeasured (add `processes`). A failed call is a
   failed request whose reason is one line: `RESOURCE_DOES_NOT_EXIST: … (HTTP 404)`, `HTTP 503 (retries
   exhausted)`, `connection error: Connection refused`, `timed out after 10s`.
 - phase `log_step` (metric mode only, not in totals): the time to log all of a step's values.
@@ -53,6 +54,7 @@ Authentication comes from MLflow's own `MLFLOW_TRACKING_TOKEN` / `_USERNAME` / `
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -147,10 +149,15 @@ def _first_line(text: str, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def request_timeout(options: MlflowLoopOptions) -> int:
+    """The timeout MLflow applies: whole seconds, at least 1."""
+    return max(1, math.ceil(options.request_timeout))
+
+
 def http_env(options: MlflowLoopOptions, connections: int) -> dict[str, str]:
     """The MLflow environment settings that make its HTTP calls behave as `options` say."""
     return {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(options.request_timeout))),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(request_timeout(options)),
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(options.max_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(options.backoff_factor),
         "MLFLOW_HTTP_POOL_CONNECTIONS": str(connections),
@@ -283,7 +290,7 @@ class MlflowLoopSimulator(Simulator):
                 else:
                     experiment_id = experiment.experiment_id
             except MlflowException as exc:
-                reason = describe_error(exc, options.request_timeout)
+                reason = describe_error(exc, request_timeout(options))
                 if reason.startswith(("connection error", "timed out")):
                     raise UsageError(f"mlflow: cannot reach the tracking server at {uri}: {reason}") from None
                 raise UsageError(f"mlflow: experiment {options.experiment!r} at {uri}: {reason}") from None
@@ -301,10 +308,13 @@ class MlflowLoopSimulator(Simulator):
         self.uri: str = prepared["tracking_uri"]
         self.experiment_id: str = prepared["experiment_id"]
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.timeout = float(max(1, math.ceil(opts.request_timeout)))
+        self.timeout = float(request_timeout(opts))
         self.params = [Param(k, str(v)) for k, v in opts.params.items()]
+        self._finishing: set[asyncio.Task[None]] = set()
 
     async def teardown(self) -> None:
+        if getattr(self, "_finishing", None):  # runs being finished when their users were cancelled
+            await asyncio.wait(set(self._finishing), timeout=self.timeout + 1.0)
         _restore_env(getattr(self, "_saved_env", {}))
 
     async def start_user(self, user: User) -> None:
@@ -319,12 +329,20 @@ class MlflowLoopSimulator(Simulator):
             return
         await self._log_step(state)
         if state.step >= self.options.steps:
-            await self._finish_run(state)
+            await self._finish_shielded(state)
 
     async def stop_user(self, user: User) -> None:
         state: _Training | None = (user.data or {}).get("training")
         if state is not None and state.run_id is not None:
-            await self._finish_run(state)
+            await self._finish_shielded(state)
+
+    async def _finish_shielded(self, state: _Training) -> None:
+        """Finish the run even if the user is cancelled meanwhile (a worker that stops cancels users still
+        in `stop_user`): the call and its record go on, and `teardown` waits for them."""
+        task = asyncio.ensure_future(self._finish_run(state))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
 
     def _record(self, name: str, latency: float, error: BaseException | None) -> bool:
         message = None if error is None else describe_error(error, self.timeout)

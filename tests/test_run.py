@@ -66,7 +66,17 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
     proc, summary, db = start(tmp_path, "demo", "--duration", "30s")
     assert proc.returncode == 0, proc.stderr
     assert summary["status"] == "passed"
-    assert set(summary["groups"]) == {"browse", "api", "monitor", "talk", "audience", "chat", "analysts"}
+    assert set(summary["groups"]) == {
+        "browse",
+        "api",
+        "monitor",
+        "talk",
+        "audience",
+        "chat",
+        "analysts",
+        "trainers",
+        "sdk_runs",
+    }
     for group in summary["groups"]:
         assert summary["group_totals"][group]["requests"] > 0, group
     for key in ("run_id", "profile", "started_at", "ended_at"):
@@ -375,4 +385,3 @@ def test_a_stopping_run_waits_for_every_stop_hook_within_the_grace(tmp_path: Pat
     proc, summary, _ = start(tmp_path, profile)
     assert proc.returncode == 0, proc.stderr
     assert summary["counters"]["rec"]["stopped"] == 6
-

@@ -364,6 +364,7 @@ class RunController:
             collector.event("stopping", None, reason=reason)
             supervisor.stop(profile.stop_grace, immediate=self._hurry, hurry=lambda: self._hurry)
         finally:
+            supervisor.finish()  # after the workers: stop what prepare_run launched, keep its evidence
             ended_at = time.time()
             collector.event("run_stopped", None, t=ended_at, reason=reason, users_max=supervisor.users_max())
             collector.stop()

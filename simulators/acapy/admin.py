@@ -38,9 +38,12 @@ FAILED_STATES = frozenset({"error", "abandoned"})
 RFC23_STATES = {"init": "start", "active": "completed", "error": "abandoned"}
 """RFC 0160 connection state names and their RFC 23 equivalents (ACA-Py answers either, by endpoint)."""
 KEY_DERIVATIONS = ("ARGON2I_MOD", "RAW")
-"""Sub-wallet key derivations that work. ACA-Py 1.7.0 hands `wallet_key_derivation` to askar as is:
-askar takes "RAW", but refuses "ARGON2I_MOD" and "ARGON2I_INT" ("Invalid store key method"), so ARGON2I_MOD
-is asked for by leaving the field out (askar's default, kdf:argon2i:mod)."""
+"""Sub-wallet key derivations that work.
+
+ACA-Py 1.7.0 hands `wallet_key_derivation` to askar as is: askar takes "RAW" but refuses "ARGON2I_MOD" and
+"ARGON2I_INT" ("Invalid store key method"), so ARGON2I_MOD is asked for by leaving the field out (askar's
+default, kdf:argon2i:mod). With one shared sub-wallet store the field is ignored.
+"""
 Protocol = Literal["oob", "connections"]
 FORWARDS = "ForwardHandler.handle"
 """The `handler_counts` key of the messages a mediator forwarded (agents started with `--timing`)."""
@@ -238,8 +241,10 @@ class AdminClient:
         dispatch_type: Literal["default", "base", "both"] = "default",
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """`POST /multitenancy/wallet` (managed, askar): the record with `wallet_id` and `token`, plus the
-        `wallet_key` used (generated unless given: a base58 raw key for RAW)."""
+        """`POST /multitenancy/wallet` (managed, askar): `wallet_id`, `token` and the `wallet_key` used.
+
+        The key is generated unless given: a base58 raw key for RAW, a random passphrase otherwise.
+        """
         if key_derivation not in KEY_DERIVATIONS:
             raise ValueError(f"key_derivation must be one of {KEY_DERIVATIONS}, not {key_derivation!r}")
         key = wallet_key or (raw_wallet_key() if key_derivation == "RAW" else secrets.token_urlsafe(24))
@@ -280,8 +285,11 @@ class AdminClient:
         my_label: str | None = None,
         protocol: Protocol = "oob",
     ) -> dict[str, Any]:
-        """An invitation with auto-accept: OOB didexchange/1.1 (`invitation`, `invitation_url`,
-        `invi_msg_id`), or RFC 0160 with `protocol="connections"` (`connection_id`, `invitation`, …)."""
+        """An auto-accepted invitation: OOB didexchange/1.1, or RFC 0160 with `protocol="connections"`.
+
+        The OOB record has `invitation`, `invitation_url` and `invi_msg_id`; the RFC 0160 answer has
+        `connection_id`, `invitation` and `invitation_url`.
+        """
         params: dict[str, Any] = {"auto_accept": True, "multi_use": multi_use}
         body: dict[str, Any] = {}
         if mediation_id:
@@ -310,8 +318,7 @@ class AdminClient:
         use_existing_connection: bool | None = None,
         protocol: Protocol = "oob",
     ) -> dict[str, Any]:
-        """Accept an invitation (auto-accept): the OOB record, or with `protocol="connections"` the
-        connection record; both have `connection_id`."""
+        """Accept an invitation (auto-accept): the OOB or RFC 0160 connection record, with `connection_id`."""
         params: dict[str, Any] = {"auto_accept": True, "alias": alias, "mediation_id": mediation_id}
         path = "/out-of-band/receive-invitation"
         if protocol == "connections":
@@ -433,8 +440,7 @@ class AdminClient:
     async def wait_mediation_granted(
         self, token: str | None, mediation_id: str, timeout: float = 30.0, poll: float = 0.1
     ) -> dict[str, Any]:
-        """Poll a mediation request until granted: the record (`routing_keys`, `endpoint`);
-        MediationDeniedError if denied, TimeoutError after `timeout`."""
+        """Poll a mediation request until granted; MediationDeniedError if denied, else TimeoutError."""
         deadline = time.monotonic() + timeout
         while True:
             record = await self.mediation(token, mediation_id)

@@ -158,14 +158,18 @@ def mediator_spec(
     log_level: str = "warning",
     admin_api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    open_mediation: bool = True,
 ) -> AgentSpec:
-    """The mediator of `real-targets.md` §1: open mediation, undelivered-message queue, auto-accept."""
+    """The mediator of `real-targets.md` §1: open mediation, undelivered-message queue, auto-accept.
+
+    Without `open_mediation` requests wait in state `request` until the admin API grants or denies them.
+    """
     return AgentSpec(
         role="mediator",
         label=label,
         wallet_name="mediator",
         wallet_key=secrets.token_urlsafe(24),
-        role_args=("--open-mediation", "--enable-undelivered-queue"),
+        role_args=(("--open-mediation",) if open_mediation else ()) + ("--enable-undelivered-queue",),
         log_level=log_level,
         admin_api_key=admin_api_key,
         extra_args=tuple(extra_args),
@@ -469,6 +473,7 @@ def launch_agents(
     timeout: float = 60.0,
     prime: bool = True,
     timing: bool = True,
+    open_mediation: bool = True,
 ) -> Agents:
     """Start the mediator and the multitenant agent in parallel on free loopback ports; wait until ready.
 
@@ -478,7 +483,9 @@ def launch_agents(
     admin request. `admin_api_key` makes both
     admin APIs require `X-API-Key` (default: insecure mode, loopback only). A random 64-character JWT
     secret is used unless `jwt_secret` is given. With both agents and `prime`, one mediation is granted
-    and deleted before returning (`prime_mediator`: concurrent first grants of a fresh mediator race).
+    and deleted before returning (`prime_mediator`: concurrent first grants of a fresh mediator race); without
+    `open_mediation` the mediator grants nothing by itself (then pass `prime=False` and grant through its
+    admin API, one at a time).
     Raises `AcapyNotInstalledError` without `aca-py`, and `AgentStartError` (with the log tail) when an
     agent exits or is not ready within `timeout`; agents already started are stopped first.
     """
@@ -491,7 +498,10 @@ def launch_agents(
     if mediator:
         specs.append(
             mediator_spec(
-                log_level=log_level, admin_api_key=admin_api_key, extra_args=(*extra_args, *mediator_args)
+                log_level=log_level,
+                admin_api_key=admin_api_key,
+                extra_args=(*extra_args, *mediator_args),
+                open_mediation=open_mediation,
             )
         )
     if multitenant:

@@ -153,7 +153,9 @@ class Supervisor:
                 log.error("group %r: finishing the run failed: %s: %s", name, type(exc).__name__, exc)
                 continue
             now = time.time()
-            batch = [{"t": p.get("t", now), "entity": p["entity"], "values": p["values"]} for p in points or []]
+            batch = [
+                {"t": p.get("t", now), "entity": p["entity"], "values": p["values"]} for p in points or []
+            ]
             if batch:
                 self.collector.submit(name, -1, {"datapoints": batch})
 

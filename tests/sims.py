@@ -70,6 +70,23 @@ class SlowStop(Simulator):
         self.metrics.counter("stopped")
 
 
+class Finished(Simulator):
+    """Prepares a fixture for the run, then reports on it and releases it once the workers are done."""
+
+    name = "finished"
+
+    @classmethod
+    def prepare_run(cls, options: Any, targets: dict[str, str], run_id: str, log: Any) -> Any:
+        return {"fixture": f"fx-{run_id}"}
+
+    @classmethod
+    def finish_run(cls, prepared: Any, run_id: str, log: Any) -> list[dict[str, Any]]:
+        return [{"entity": "system", "values": {"released": prepared["fixture"]}}]
+
+    async def iteration(self, user: User) -> None:
+        self.metrics.request("op", 0.001)
+
+
 class SlowBlocking(BlockingSimulator):
     """A blocking client (like Selenium) running in the worker's thread pool."""
 

@@ -385,3 +385,13 @@ def test_a_stopping_run_waits_for_every_stop_hook_within_the_grace(tmp_path: Pat
     proc, summary, _ = start(tmp_path, profile)
     assert proc.returncode == 0, proc.stderr
     assert summary["counters"]["rec"]["stopped"] == 6
+
+
+def test_finish_run_releases_the_fixture_and_keeps_its_evidence(tmp_path: Path) -> None:
+    profile = recorder_profile(simulator="tests.sims:Finished", users=1, options={})
+    profile["duration"] = "2s"
+    proc, summary, db = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr
+    stored = rows(db, "SELECT \"group\", entity, values_json FROM datapoint WHERE entity = 'system'")
+    assert stored == [("rec", "system", json.dumps({"released": f"fx-{summary['run_id']}"}))]
+

@@ -394,4 +394,3 @@ def test_finish_run_releases_the_fixture_and_keeps_its_evidence(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     stored = rows(db, "SELECT \"group\", entity, values_json FROM datapoint WHERE entity = 'system'")
     assert stored == [("rec", "system", json.dumps({"released": f"fx-{summary['run_id']}"}))]
-

@@ -104,12 +104,14 @@ class WebhookListener:
         self._messages[msg_id] = (wallet_id, future)
         return future
 
-    def forget_message(self, msg_id: str) -> None:
-        """Stop waiting for a message (its timeout passed); a later receipt counts as late."""
+    def forget_message(self, msg_id: str, *, late: bool = True) -> None:
+        """Stop waiting for a message; with `late` (its timeout passed) a later receipt counts as late."""
         entry = self._messages.pop(msg_id, None)
-        if entry is not None and not entry[1].done():
-            entry[1].cancel()
-            self._given_up.add(msg_id)
+        if entry is not None:
+            if not entry[1].done():
+                entry[1].cancel()
+            if late:
+                self._given_up.add(msg_id)
 
     def expect_ping(self, thread_id: str) -> asyncio.Future[float]:
         """A future resolved with the arrival time of the response to the trust ping `thread_id`."""

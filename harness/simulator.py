@@ -225,6 +225,32 @@ def registered_simulators() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def check_target_choice(
+    profile: Profile, target: str | None, explicit: str | None, explicit_name: str
+) -> None:
+    """For a simulator's `check_profile`: `target` names one of the profile's targets (or the only one
+    is used), unless an explicit URL option (`explicit_name`, e.g. `base_url`) is given instead."""
+    if explicit is not None:
+        if target is not None:
+            raise ValueError(f"give 'target' or '{explicit_name}', not both")
+        return
+    names = sorted(profile.targets)
+    if target is not None and target not in profile.targets:
+        raise ValueError(f"target {target!r} is not in the profile's targets {names}")
+    if target is None and len(names) != 1:
+        raise ValueError(f"name the target ('target: NAME', one of {names}) or give '{explicit_name}'")
+
+
+def check_weights(value: dict[str, float], known: tuple[str, ...], what: str = "kind") -> dict[str, float]:
+    """For an options validator: weights over `known` names, all >= 0 and at least one > 0."""
+    unknown = set(value) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {sorted(unknown)}; use {', '.join(known)}")
+    if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+        raise ValueError("weights must be >= 0 with at least one > 0")
+    return value
+
+
 def load_simulator(name: str) -> type[Simulator]:
     """The simulator class for a registered name or a `module:Class` reference.
 

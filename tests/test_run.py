@@ -76,6 +76,7 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
         "analysts",
         "trainers",
         "sdk_runs",
+        "tenants",
     }
     for group in summary["groups"]:
         assert summary["group_totals"][group]["requests"] > 0, group

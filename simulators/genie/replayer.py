@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from harness.distributions import Distribution
 from harness.durations import Duration
 from harness.errors import HarnessError, UsageError
-from harness.simulator import Simulator, User
+from harness.simulator import Simulator, User, check_weights
 from simulators.genie.cache import (
     CachedQuery,
     InMemorySemanticCache,
@@ -205,9 +205,7 @@ class GenieOptions(BaseModel):
     @field_validator("modes")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
-            raise ValueError("weights must be >= 0 with at least one > 0")
-        return value
+        return check_weights(value, ("conversation", "single_question"), "mode")
 
 
 def assign_mode(index: int, modes: dict[str, float]) -> str:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from harness.durations import Duration
 from harness.errors import UsageError
-from harness.simulator import Simulator, User
+from harness.simulator import Simulator, User, check_target_choice
 from simulators.http.client import ClientError, FastClient, PreparedRequest
 
 
@@ -156,17 +156,7 @@ class HttpSimulator(Simulator):
 
     @classmethod
     def check_profile(cls, options: HttpOptions, profile: Any) -> None:
-        if options.base_url is not None:
-            if options.target is not None:
-                raise ValueError("give 'target' or 'base_url', not both")
-            return
-        names = sorted(profile.targets)
-        if options.target is not None and options.target not in profile.targets:
-            raise ValueError(f"target {options.target!r} is not in the profile's targets {names}")
-        if options.target is None and len(names) != 1:
-            raise ValueError(
-                f"name the target to send to ('target: NAME', one of {names}) or give 'base_url'"
-            )
+        check_target_choice(profile, options.target, options.base_url, "base_url")
 
     async def setup(self) -> None:
         base = self.options.base_url or self.ctx.target_url(self.options.target)

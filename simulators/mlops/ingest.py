@@ -33,7 +33,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.durations import Duration
-from harness.simulator import Simulator, User
+from harness.simulator import Simulator, User, check_weights
 from simulators.http.client import FastClient
 from simulators.mlops.curves import TrainingCurve
 
@@ -69,12 +69,7 @@ class IngestOptions(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = set(value) - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown kind(s) {sorted(unknown)}; use {', '.join(KINDS)}")
-        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
-            raise ValueError("weights must be >= 0 with at least one > 0")
-        return value
+        return check_weights(value, KINDS)
 
 
 class IngestSimulator(Simulator):

@@ -71,8 +71,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.durations import Duration
 from harness.errors import UsageError
 from harness.metrics import error_text
-from harness.simulator import Simulator, User
+from harness.simulator import Simulator, User, check_target_choice
 from simulators.mlops.curves import TrainingCurve
+from simulators.mlops.environment import restore_env, set_env
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is imported
 
@@ -166,28 +167,13 @@ def http_env(options: MlflowLoopOptions, connections: int) -> dict[str, str]:
     }
 
 
-def _set_env(values: dict[str, str]) -> dict[str, str | None]:
-    """Set environment variables; returns their previous values for `_restore_env`."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    return saved
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 @contextlib.contextmanager
 def _scoped_env(values: dict[str, str]) -> Iterator[None]:
-    saved = _set_env(values)
+    saved = set_env(values)
     try:
         yield
     finally:
-        _restore_env(saved)
+        restore_env(saved)
 
 
 def resolve_tracking_uri(options: MlflowLoopOptions, targets: dict[str, str]) -> str:
@@ -254,17 +240,7 @@ class MlflowLoopSimulator(Simulator):
 
     @classmethod
     def check_profile(cls, options: MlflowLoopOptions, profile: Any) -> None:
-        if options.tracking_uri is not None:
-            if options.target is not None:
-                raise ValueError("give 'target' or 'tracking_uri', not both")
-            return
-        names = sorted(profile.targets)
-        if options.target is not None and options.target not in profile.targets:
-            raise ValueError(f"target {options.target!r} is not in the profile's targets {names}")
-        if options.target is None and len(names) != 1:
-            raise ValueError(
-                f"name the tracking server ('target: NAME', one of {names}) or give 'tracking_uri'"
-            )
+        check_target_choice(profile, options.target, options.tracking_uri, "tracking_uri")
 
     @classmethod
     def prepare_run(
@@ -304,7 +280,7 @@ class MlflowLoopSimulator(Simulator):
     async def setup(self) -> None:
         opts: MlflowLoopOptions = self.options
         prepared = self.ctx.prepared or self.prepare_run(opts, self.ctx.targets, self.ctx.run_id, self.log)
-        self._saved_env = _set_env(http_env(opts, self.threads))
+        self._saved_env = set_env(http_env(opts, self.threads))
         self.uri: str = prepared["tracking_uri"]
         self.experiment_id: str = prepared["experiment_id"]
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -315,7 +291,7 @@ class MlflowLoopSimulator(Simulator):
     async def teardown(self) -> None:
         if getattr(self, "_finishing", None):  # runs being finished when their users were cancelled
             await asyncio.wait(set(self._finishing), timeout=self.timeout + 1.0)
-        _restore_env(getattr(self, "_saved_env", {}))
+        restore_env(getattr(self, "_saved_env", {}))
 
     async def start_user(self, user: User) -> None:
         state = _Training(index=self.ctx.global_user(user))

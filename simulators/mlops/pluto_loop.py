@@ -110,9 +110,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.durations import Duration
 from harness.errors import UsageError
-from harness.simulator import Simulator, User
+from harness.simulator import Simulator, User, check_weights
 from simulators.mlops import pluto_sync
 from simulators.mlops.curves import METRIC_KEYS, TrainingCurve
+from simulators.mlops.environment import restore_env, set_env
 from simulators.mlops.ingest import SEED_KEY
 
 if importlib.util.find_spec("pluto") is None:  # `pip install 'harness[mlops]'`: say so when loaded
@@ -168,12 +169,7 @@ class PlutoLoopOptions(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = set(value) - set(TASKS)
-        if unknown:
-            raise ValueError(f"unknown task(s) {sorted(unknown)}; use {', '.join(TASKS)}")
-        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
-            raise ValueError("weights must be >= 0 with at least one > 0")
-        return value
+        return check_weights(value, TASKS, "task")
 
 
 @dataclass(eq=False)
@@ -212,23 +208,6 @@ class PlutoRun:
 
 
 BATCH_KEYS = ("batch/loss", "batch/size")
-
-
-def _set_env(values: dict[str, str], removed: tuple[str, ...]) -> dict[str, str | None]:
-    """Set and remove environment variables; returns their previous values for `_restore_env`."""
-    saved = {k: os.environ.get(k) for k in (*values, *removed)}
-    os.environ.update(values)
-    for key in removed:
-        os.environ.pop(key, None)
-    return saved
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _quiet_banner() -> None:
@@ -309,7 +288,7 @@ class PlutoLoopSimulator(Simulator):
         for sub in (".local/share/python_keyring", ".config"):  # made here: concurrent logins race on it
             (home / sub).mkdir(parents=True, exist_ok=True)
         # before pluto is imported: it reads HOME for its login marker at import
-        self.saved_env = _set_env(
+        self.saved_env = set_env(
             {
                 "HOME": str(home),
                 "XDG_DATA_HOME": str(home / ".local/share"),
@@ -386,7 +365,7 @@ class PlutoLoopSimulator(Simulator):
             if self.watcher is not None:
                 self.watcher.stop()
             pluto_sync.unregister_thread_dir(str(self.dir))
-            _restore_env(self.saved_env)
+            restore_env(self.saved_env)
             if self.hid_torch and sys.modules.get("torch", 0) is None:
                 del sys.modules["torch"]
             for name, level in self.saved_levels.items():

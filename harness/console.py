@@ -22,6 +22,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from harness.metrics import counts_as_request
+
 __all__ = [
     "CPU_LIMIT",
     "LAG_LIMIT_MS",
@@ -464,11 +466,11 @@ class LiveView:
 
 
 def _worst_p95(endpoints: Iterable[Mapping[str, Any]]) -> float | None:
-    """The highest p95 among endpoints with traffic in the live window (error-only rows left out)."""
+    """The highest p95 among requests with traffic in the live window (error and phase rows left out)."""
     values = [
         v
         for e in endpoints
-        if (_num(e.get("rps")) or 0) > 0 and e.get("kind") != "error"
+        if (_num(e.get("rps")) or 0) > 0 and counts_as_request(str(e.get("kind") or "request"))
         for v in [_num(e.get("p95_ms"))]
         if v is not None
     ]

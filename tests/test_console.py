@@ -16,6 +16,7 @@ from rich.console import Console
 from harness.console import (
     SATURATED,
     LiveView,
+    _worst_p95,
     choose_mode,
     fmt_duration,
     fmt_ms,
@@ -419,3 +420,13 @@ def test_summary_on_an_ascii_only_log() -> None:
     text = raw.getvalue().decode("ascii")
     assert "FAIL" in text and "bad byte ? in body" in text
     assert text.strip().splitlines()[-1].startswith("FAILED")
+
+
+def test_the_live_worst_p95_leaves_out_phases_and_iteration_errors() -> None:
+    endpoints = [
+        {"name": "run.log", "kind": "sdk", "rps": 40.0, "p95_ms": 0.2},
+        {"name": "flush_latency", "kind": "phase", "rps": 40.0, "p95_ms": 960.0},
+        {"name": "(iteration)", "kind": "error", "rps": 1.0, "p95_ms": 5000.0},
+        {"name": "idle", "kind": "http", "rps": 0.0, "p95_ms": 3000.0},
+    ]
+    assert _worst_p95(endpoints) == 0.2

@@ -250,9 +250,9 @@ class GenieSimulator(Simulator):
     ) -> dict[str, Any]:
         """Load (or export) and sample the conversations, check the space, probe the embedding model and
         create the PostgreSQL table: once per run, before any worker starts."""
-        host, _ = _resolve_host(options, targets)
+        host, token = _resolve_host(options, targets)
         try:
-            return cls._prepare(options, targets, log)
+            return cls._prepare(options, host, token, log)
         except HarnessError:
             raise
         except Exception as exc:  # the SDK's 401/403/404 or an unreachable host: bad input, exit 2
@@ -261,8 +261,9 @@ class GenieSimulator(Simulator):
             ) from None
 
     @classmethod
-    def _prepare(cls, options: GenieOptions, targets: dict[str, str], log: logging.Logger) -> dict[str, Any]:
-        host, token = _resolve_host(options, targets)
+    def _prepare(
+        cls, options: GenieOptions, host: str | None, token: str | None, log: logging.Logger
+    ) -> dict[str, Any]:
         client = workspace_client(
             host, token, options.databricks_profile, options.retry_timeout, connections=4
         )

@@ -353,5 +353,5 @@ def test_cancelled_and_timed_out_waiters_do_not_leak_workers() -> None:
 def test_every_target_kind_is_registered_and_validates_its_config() -> None:
     from harness.targets import TARGETS, get_target
 
-    assert {"echo", "llm_engine", "genie", "pluto"} <= set(TARGETS)
+    assert {"echo", "llm_engine", "genie", "pluto", "lighthouse", "results"} <= set(TARGETS)
     assert get_target("llm_engine").parse_config({}, label="llm").model_dump()["concurrency"] >= 1

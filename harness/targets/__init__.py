@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UsageError
-from harness.targets import echo, genie, llm_engine, pluto
+from harness.targets import echo, genie, lighthouse, llm_engine, pluto, results
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,29 @@ _register(
         build_app=pluto.build_app,
         description="the mlop/pluto ML metrics stack on one port: run API, NDJSON ingest with the "
         "original's validation, heartbeat",
+    )
+)
+
+_register(
+    TargetKind(
+        name="lighthouse",
+        config_model=lighthouse.LighthouseConfig,
+        build_app=lighthouse.build_app,
+        description="a WebRTC lighthouse: layers and rooms over REST, WebSocket signalling with a cap "
+        "on each peer's connections",
+        health_path="/status",
+    )
+)
+
+
+_register(
+    TargetKind(
+        name="results",
+        config_model=results.ResultsConfig,
+        build_app=results.build_app,
+        description="the Catalyst peer performance test results server: tests as runs in the harness "
+        "database, per-peer metrics as data points, optional InfluxDB export",
+        health_path="/status",
     )
 )
 

@@ -108,6 +108,7 @@ class Event(SQLModel, table=True):
 class DataPoint(SQLModel, table=True):
     """A free-form record about one entity (e.g. one WebRTC peer's stats)."""
 
+    __table_args__ = (Index("ix_datapoint_run_t", "run_id", "t"),)
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(index=True)
     t: float
@@ -194,6 +195,8 @@ class Store:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
+            # indexes added after a database was created (create_all makes only missing tables)
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_datapoint_run_t ON datapoint (run_id, t)"))
             conn.execute(text(f"PRAGMA user_version={SCHEMA_VERSION}"))
 
     def close(self) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, session
+from sqlalchemy import text
 
 from harness.compare import Limits, compare_runs, looks_like_file
 from harness.durations import parse_duration
@@ -512,6 +514,207 @@ def datapoints(run_id: str) -> Response:
         for r in rows
     ]
     return jsonify(run_id=run.id, datapoints=points)
+
+
+PEER_FAMILIES = ("sent", "received", "relayed", "all", "relevant", "duplicate", "expired")
+"""The packet families a WebRTC peer's data point counts (simulators/webrtc; `{F}PerSecond`, …)."""
+PEER_RATES = tuple(f"{f}{unit}" for f in PEER_FAMILIES for unit in ("PerSecond", "BytesPerSecond"))
+PEER_HOLD_S = 5.0
+"""A peer with no data point in a bucket still counts with its last one if that is this recent."""
+
+
+def _since_arg() -> float | None:
+    text = request.args.get("since")
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(400, f"since: expected seconds since the run started, got {text!r}", "since") from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"since: expected a number of seconds >= 0, got {text!r}", "since")
+    return value
+
+
+def _num(value: Any) -> float | None:
+    """A number from a data point (None for anything else, booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _peer_row(row: dict[str, Any], started: float, newest: float) -> dict[str, Any]:
+    """One peer's latest data point as the panel's table shows it."""
+    v = json.loads(row["values_json"])
+    if not isinstance(v, dict):
+        v = {}
+    connected = v.get("connectedPeers")
+    position = v.get("position")
+    rtc = v.get("webrtc")
+    if not isinstance(rtc, dict):
+        rtc = {}
+    out: dict[str, Any] = {
+        "peer": row["entity"],
+        "group": row["group"],
+        "kind": str(v.get("kind") or "aiortc"),
+        "routine": str(v.get("routine") or ""),
+        "connected": len(connected) if isinstance(connected, list) else None,
+        "known": _num(v.get("knownPeersCount")),
+    }
+    for family in PEER_FAMILIES:
+        out[f"{family}_per_s"] = _num(v.get(f"{family}PerSecond"))
+    out["sent_bytes_per_s"] = _num(v.get("sentBytesPerSecond"))
+    out["received_bytes_per_s"] = _num(v.get("receivedBytesPerSecond"))
+    out["latency_ms"] = _num(v.get("averageLatency"))
+    out["rtt_ms"] = _num(rtc.get("rttMs"))
+    out["memory_mb"] = _num(v.get("memoryMB"))
+    out["position"] = (
+        [_num(p) for p in position[:3]] if isinstance(position, list) and len(position) >= 3 else None
+    )
+    out["last_seen"] = round(row["t"] - started, 3)
+    out["age_s"] = round(newest - row["t"], 3)
+    return out
+
+
+def _peer_series(
+    rows: Sequence[Sequence[Any]], started: float, bucket: int, first: int, by_group: bool
+) -> list[dict[str, Any]]:
+    """Per bucket (and group): the sum over peers of each rate in PEER_RATES.
+
+    `rows` are `(t, group, entity, *rates)` ordered by t. A peer's points within one bucket are
+    averaged; a peer with none in a bucket counts with its last value while that is at most
+    PEER_HOLD_S older than the bucket (a report that slipped over a bucket edge makes no dip).
+    Buckets before `first` only prime that hold."""
+    per: dict[int, dict[tuple[str, str], list[Any]]] = {}
+    for r in rows:
+        t = r[0]
+        cells = per.setdefault(int((t - started) // bucket), {})
+        key = (r[1], r[2])
+        cell = cells.get(key)
+        if cell is None:
+            cells[key] = [1, list(r[3:]), t]
+        else:
+            cell[0] += 1
+            cell[1] = [a + v for a, v in zip(cell[1], r[3:], strict=True)]
+            cell[2] = t
+    zero = [0.0] * len(PEER_RATES)
+    last: dict[tuple[str, str], tuple[float, list[float]]] = {}
+    totals: dict[str | None, list[Any]] = {}  # group (None: the run) → [peers, sums]; kept running
+    out: list[dict[str, Any]] = []
+    for b in sorted(per):
+        cells = per[b]
+        for peer, (n, sums, t) in cells.items():
+            means = sums if n == 1 else [s / n for s in sums]
+            acc = totals.setdefault(peer[0] if by_group else None, [0, zero])
+            old = last.get(peer)
+            if old is None:
+                acc[0] += 1
+                acc[1] = [a + m for a, m in zip(acc[1], means, strict=True)]
+            else:
+                acc[1] = [a - o + m for a, o, m in zip(acc[1], old[1], means, strict=True)]
+            last[peer] = (t, means)
+        start = started + b * bucket
+        for peer in [p for p, (t, _) in last.items() if p not in cells and start - t > PEER_HOLD_S]:
+            _t, means = last.pop(peer)
+            acc = totals[peer[0] if by_group else None]
+            acc[0] -= 1
+            acc[1] = [a - m for a, m in zip(acc[1], means, strict=True)] if acc[0] else zero
+        if b < first:
+            continue
+        for group in sorted(totals, key=lambda g: g or ""):
+            n, sums = totals[group]
+            if not n:
+                continue
+            row: dict[str, Any] = {"t": b * bucket, "group": group, "peers": n}
+            row.update({key: round(s, 3) + 0.0 for key, s in zip(PEER_RATES, sums, strict=True)})
+            out.append(row)
+    return out
+
+
+@bp.get("/runs/<run_id>/peers")
+def peers(run_id: str) -> Response:
+    """WebRTC peers (data points with `sentTotal`): the latest data point of each peer as a table row,
+    and the seven packet families over time.
+
+    `?bucket=2` seconds per time bucket (1..3600); `?by=run|group`: one series row per bucket, or per
+    bucket and group; `?since=S` (seconds since the run started): only buckets from S on, for
+    incremental fetches (ask again from the last bucket you have: it may have grown); `?limit=900`
+    buckets at most (the newest); `?peers=1000` table rows at most (0: no table).
+
+    → `{run_id, started_at, bucket, by, families, peers: [{peer, group, kind, routine, connected, known,
+    sent_per_s, received_per_s, relayed_per_s, all_per_s, relevant_per_s, duplicate_per_s,
+    expired_per_s, sent_bytes_per_s, received_bytes_per_s, latency_ms, rtt_ms, memory_mb, position,
+    last_seen, age_s}], series: [{t, group, peers, sentPerSecond, sentBytesPerSecond, …}], last_t,
+    truncated}`. Times are seconds since the run started; `series[].{F}PerSecond` is the sum over peers
+    of their `{F}PerSecond` (a peer's points within one bucket averaged). A run without peer data
+    points answers empty lists.
+    """
+    run = _stored_run(run_id)
+    bucket = _int_arg("bucket", 2, 1, MAX_WINDOW)
+    by = request.args.get("by", "run")
+    if by not in ("run", "group"):
+        raise ApiError(400, f"by: expected run or group, got {by!r}", "by")
+    since = _since_arg()
+    limit = _int_arg("limit", 900, 1, 100000)
+    max_peers = _int_arg("peers", 1000, 0, 10000)
+    store = get_store()
+    started = run.started_at
+    body: dict[str, Any] = {
+        "run_id": run.id,
+        "started_at": started,
+        "bucket": bucket,
+        "by": by,
+        "families": list(PEER_FAMILIES),
+        "peers": [],
+        "series": [],
+        "last_t": None,
+        "truncated": False,
+    }
+    # each peer's latest data point (since `since`: the client keeps the peers it has); the time
+    # condition comes before the JSON one so that SQLite parses only the rows it has to
+    latest = store.rows(
+        'SELECT d.id, d.t, d."group", d.entity FROM datapoint d JOIN (SELECT MAX(id) AS id FROM datapoint '
+        'WHERE run_id=:r AND t >= :tmin GROUP BY "group", entity) m ON d.id = m.id '
+        "WHERE json_extract(d.values_json, '$.sentTotal') IS NOT NULL "
+        'ORDER BY d."group", d.entity',
+        r=run.id,
+        tmin=started + (since or 0.0) if since is not None else float("-inf"),
+    )
+    if not latest:
+        return jsonify(body)
+    newest = max(r["t"] for r in latest)
+    body["last_t"] = round(newest - started, 3)
+    body["truncated"] = len(latest) > max_peers
+    shown = latest[:max_peers]
+    if shown:
+        values = {
+            r["id"]: r["values_json"]
+            for r in store.rows(
+                "SELECT id, values_json FROM datapoint WHERE id IN (SELECT value FROM json_each(:ids))",
+                ids=json.dumps([r["id"] for r in shown]),
+            )
+        }
+        body["peers"] = [
+            _peer_row({**r, "values_json": values.get(r["id"], "{}")}, started, newest) for r in shown
+        ]
+    # the buckets to answer: from `since` (else the newest `limit`), reading PEER_HOLD_S more for the hold
+    last_bucket = int((newest - started) // bucket)
+    first = max(0, last_bucket - limit + 1)
+    if since is not None:
+        first = max(first, int(since // bucket))
+    columns = ", ".join(
+        f"COALESCE(CAST(json_extract(values_json, '$.{key}') AS REAL), 0.0)" for key in PEER_RATES
+    )
+    with store.engine.connect() as conn:  # plain tuples: up to peers × buckets rows
+        rows = conn.execute(
+            text(
+                f'SELECT t, "group", entity, {columns} FROM datapoint WHERE run_id=:r AND t >= :start '
+                "AND json_extract(values_json, '$.sentTotal') IS NOT NULL ORDER BY t, id"
+            ),
+            {"r": run.id, "start": started + first * bucket - PEER_HOLD_S},
+        ).all()
+    body["series"] = _peer_series(rows, started, bucket, first, by == "group")
+    return jsonify(body)
 
 
 def _report_folder(run: Run, summary: dict[str, Any]) -> Path:

@@ -202,8 +202,8 @@
       if (view === "history" && S.detail) hash += "/" + S.detail.id;
       if (location.hash !== hash) history.replaceState(null, "", hash);
     }
-    if (view === "live" && S.live) { ensureLiveCharts(); redrawLive(); }
-    if (view === "history") { loadHistory(); if (S.detail) resizeCharts(S.detail.charts); }
+    if (view === "live" && S.live) { ensureLiveCharts(); redrawLive(); resizeCharts(PEERS.live.charts); }
+    if (view === "history") { loadHistory(); if (S.detail) resizeCharts(S.detail.charts); resizeCharts(PEERS.detail.charts); }
   }
   ["start", "live", "history"].forEach(function (v) {
     $("tab-" + v).addEventListener("click", function () { show(v); });
@@ -356,7 +356,7 @@
     var font = "11px " + getComputedStyle(document.body).fontFamily;
     var options = {
       width: Math.max(260, cc.area.clientWidth || 560),
-      height: 240,
+      height: (opts && opts.height) || 240,
       cursor: { sync: { key: ctx.sync.key }, drag: { x: true, y: false }, points: { size: 6 } },
       scales: { x: { time: false }, y: { range: zeroRange } },
       axes: [
@@ -389,6 +389,7 @@
     new ResizeObserver(function () {
       if (S.live) resizeCharts(S.live.charts);
       if (S.detail) resizeCharts(S.detail.charts);
+      resizeCharts(PEERS.live.charts); resizeCharts(PEERS.detail.charts);
     }).observe(document.querySelector(".page"));
   }
 
@@ -652,6 +653,7 @@
     clear($("live-charts"));
     clear($("live-legend"));
     $("datapoints-section").hidden = true;
+    peersReset(PEERS.live);
     ["card-users", "card-rps", "card-errors", "card-p95", "card-elapsed-value"].forEach(function (k) { setText($(k), "–"); });
     show("live");
     api("GET", "api/runs/" + enc(id)).then(function (res) {
@@ -756,7 +758,13 @@
     });
     api("GET", base + "/datapoints").then(function (res) {
       if (!res.ok || S.live !== L) return;
-      fillDatapoints(L, asList(res.data, "datapoints"));
+      var rows = asList(res.data, "datapoints");
+      // WebRTC peers (data points with sentTotal) have their own section; the rest stay in the table
+      var others = rows.filter(function (r) { return !isPeerPoint(r); });
+      if (others.length < rows.length || PEERS.live.runId === L.id) {
+        peersLoad(PEERS.live, L.id, { sync: L.sync, events: function () { return L.events; } }, function () { return S.live === L; });
+      }
+      fillDatapoints(L, others);
     });
   }
   function mapLiveEvents(L) {
@@ -1167,6 +1175,201 @@
     });
   }
 
+  // -- Peers (WebRTC rooms) ----------------------------------------------------------------------
+  /* Peer simulators publish one data point per peer every few seconds (values with sentTotal, …).
+     A Peers section shows each peer's latest numbers and, per packet family, the sum over peers
+     over time (GET api/runs/<id>/peers); live runs fetch only the buckets since the last one. */
+  var PEER_FAMILIES = ["sent", "received", "relayed", "all", "relevant", "duplicate", "expired"];
+  var PEER_TITLES = { sent: "Sent", received: "Received", relayed: "Relayed", all: "All", relevant: "Relevant",
+                      duplicate: "Duplicate", expired: "Expired" };
+  var PEER_COLUMNS = [   // [key, heading, numeric]
+    ["peer", "peer"], ["group", "group"], ["kind", "kind"], ["routine", "routine"],
+    ["connected", "conn", 1], ["known", "known", 1], ["sent_per_s", "sent/s", 1], ["received_per_s", "recv/s", 1],
+    ["relayed_per_s", "relayed/s", 1], ["duplicate_per_s", "dup/s", 1], ["expired_per_s", "expired/s", 1],
+    ["relevant_per_s", "relevant/s", 1], ["latency_ms", "latency ms", 1], ["memory_mb", "mem MB", 1],
+    ["position", "position"], ["last_seen", "last seen", 1]
+  ];
+  var PEER_BUCKET = 2;                        // seconds per point of the live peer charts
+  var PEER_LIVE_BUCKETS = MAX_POINTS / PEER_BUCKET;
+
+  function isPeerPoint(r) { return !!(r && r.values && r.values.sentTotal != null); }
+
+  function peerView(prefix) {
+    var box = $(prefix + "-peers");
+    var P = { prefix: prefix, box: box, runId: null, rows: {}, list: [], order: {}, data: {}, times: [], groups: [],
+              charts: null, chartKey: "", lastT: null, busy: false, mode: "packets", ctx: null };
+    var head = el("div", "section-head");
+    head.appendChild(el("h2", null, "Peers"));
+    P.note = head.appendChild(el("span", "section-note"));
+    P.note.id = prefix + "-peers-note";
+    var unit = el("select", "peers-unit");
+    unit.id = prefix + "-peers-unit";
+    unit.setAttribute("aria-label", "the peer charts show");
+    unit.appendChild(new Option("packets / s", "packets"));
+    unit.appendChild(new Option("bytes / s", "bytes"));
+    unit.addEventListener("change", function () { P.mode = unit.value; peersChartsDraw(P, true); });
+    head.appendChild(unit);
+    box.appendChild(head);
+    P.chartsBox = box.appendChild(el("div", "charts peer-charts"));
+    P.chartsBox.id = prefix + "-peer-charts";
+    var wrap = box.appendChild(el("div", "table-wrap"));
+    var table = P.table = wrap.appendChild(el("table", "sortable peers-table"));
+    table.id = prefix + "-peers-table";
+    var tr = el("tr");
+    PEER_COLUMNS.forEach(function (c) {
+      var th = el("th", c[2] ? "num" : null, c[1]);
+      th.dataset.key = c[0];
+      if (c[2]) th.dataset.sort = "num";
+      tr.appendChild(th);
+    });
+    table.appendChild(el("thead")).appendChild(tr);
+    table.appendChild(el("tbody"));
+    sortableHead(table, function () { P.order.keys = null; placeRows(table, table.tBodies[0], P.list, P.order); });
+    return P;
+  }
+
+  function peersReset(P) {
+    if (P.charts) Object.keys(P.charts).forEach(function (k) { if (P.charts[k].plot) P.charts[k].plot.destroy(); });
+    clear(P.chartsBox);
+    clear(P.table.tBodies[0]);
+    P.runId = null; P.rows = {}; P.list = []; P.order = {}; P.data = {}; P.times = []; P.groups = [];
+    P.charts = null; P.chartKey = ""; P.lastT = null; P.busy = false; P.ctx = null;
+    P.box.hidden = true;
+  }
+
+  /* Fetch (the new part of) a run's peers and draw them. `ctx`: {sync, events, live?, bucket?, limit?};
+     `current()` says whether the view still shows that run when the answer comes. */
+  function peersLoad(P, runId, ctx, current) {
+    if (P.busy) return;
+    if (P.runId !== runId) { peersReset(P); P.runId = runId; }
+    P.ctx = ctx;
+    var bucket = ctx.bucket || PEER_BUCKET;
+    var q = "?by=group&bucket=" + bucket + "&limit=" + (ctx.limit || PEER_LIVE_BUCKETS);
+    var last = P.times[P.times.length - 1];
+    if (last != null) q += "&since=" + last;    // the last bucket again: it may have grown
+    P.busy = true;
+    api("GET", "api/runs/" + enc(runId) + "/peers" + q).then(function (res) {
+      P.busy = false;
+      if (!res.ok || P.runId !== runId || !current()) return;
+      var d = res.data || {};
+      P.bucket = d.bucket || bucket;
+      if (d.last_t != null) P.lastT = Math.max(P.lastT || 0, d.last_t);
+      peersMergeSeries(P, asList(d, "series"), ctx.limit || PEER_LIVE_BUCKETS);
+      peersTable(P, asList(d, "peers"), !!d.truncated);
+      if (!P.list.length && !P.times.length) return;
+      P.box.hidden = false;
+      peersChartsDraw(P, false);
+    });
+  }
+
+  function peersMergeSeries(P, rows, keep) {
+    rows.forEach(function (r) {
+      var slot = P.data[r.t];
+      if (!slot) { slot = P.data[r.t] = {}; P.times.push(r.t); }
+      slot[r.group == null ? "" : r.group] = r;
+      if (r.group != null && P.groups.indexOf(r.group) < 0) P.groups.push(r.group);
+    });
+    P.times.sort(function (a, b) { return a - b; });
+    if (P.times.length > keep) P.times.splice(0, P.times.length - keep).forEach(function (t) { delete P.data[t]; });
+    P.groups.sort();
+  }
+
+  function peersTable(P, peers, truncated) {
+    var table = P.table;
+    peers.forEach(function (p) {
+      var key = p.group + "\u0000" + p.peer;
+      var r = P.rows[key];
+      if (!r) {
+        var tr = el("tr");
+        tr.dataset.peer = p.peer;
+        r = P.rows[key] = { key: key, tr: tr, v: {}, c: {} };
+        PEER_COLUMNS.forEach(function (c) { r.c[c[0]] = tr.appendChild(el("td", c[2] ? "num" : c[0] === "peer" ? "mono" : null)); });
+        r.badge = r.c.kind.appendChild(el("span", "peer-kind"));
+        P.list.push(r);
+      }
+      r.p = p;
+      r.v = {};
+      PEER_COLUMNS.forEach(function (c) { r.v[c[0]] = p[c[0]]; });
+      r.v.position = p.position ? p.position.map(function (x) { return x == null ? "–" : fmtNum(x); }).join(", ") : "";
+      setText(r.c.peer, p.peer);
+      setText(r.c.group, p.group);
+      r.badge.className = "peer-kind peer-kind-" + (p.kind === "browser" ? "browser" : "aiortc");
+      setText(r.badge, p.kind || "aiortc");
+      setText(r.c.routine, p.routine || "");
+      setText(r.c.connected, fmtInt(p.connected));
+      setText(r.c.known, fmtInt(p.known));
+      ["sent_per_s", "received_per_s", "relayed_per_s", "duplicate_per_s", "expired_per_s", "relevant_per_s", "memory_mb"].forEach(function (k) {
+        setText(r.c[k], fmtNum(p[k]));
+      });
+      setText(r.c.latency_ms, fmtMs(p.latency_ms != null ? p.latency_ms : p.rtt_ms));
+      setText(r.c.position, r.v.position);
+      setText(r.c.last_seen, fmtT(p.last_seen));
+    });
+    var browsers = 0, stale = 0, limit = Math.max(10, 3 * (P.bucket || PEER_BUCKET));
+    P.list.forEach(function (r) {
+      var old = P.lastT != null && P.lastT - r.p.last_seen > limit;
+      if (old) stale++;
+      if (r.p.kind === "browser") browsers++;
+      var cls = old ? "stale" : "";
+      if (r.tr.className !== cls) r.tr.className = cls;
+      r.tr.title = old ? "no data point for " + fmtT(P.lastT - r.p.last_seen) : "";
+    });
+    placeRows(table, table.tBodies[0], P.list, P.order);
+    setText(P.note, P.list.length + " peer" + (P.list.length === 1 ? "" : "s") + " (" + browsers + " browser)" +
+      (stale ? " · " + stale + " silent" : "") + (truncated ? " · the first " + P.list.length + " shown" : "") +
+      " · charts: sum over peers per " + (P.bucket || PEER_BUCKET) + " s; click a heading to sort");
+  }
+
+  function peersChartsDraw(P, rebuild) {
+    if (!P.times.length) { P.chartsBox.hidden = true; return; }
+    P.chartsBox.hidden = false;
+    var groups = P.groups.length ? P.groups : [""];
+    var key = groups.join("\u0000") + "\u0001" + P.mode;
+    var bytes = P.mode === "bytes";
+    if (rebuild || !P.charts || key !== P.chartKey) {
+      if (P.charts) Object.keys(P.charts).forEach(function (k) { if (P.charts[k].plot) P.charts[k].plot.destroy(); });
+      clear(P.chartsBox);
+      P.chartKey = key;
+      P.charts = {};
+      var gc = function (g) { var i = groups.indexOf(g); return i < 0 ? "#9ca3af" : color(i); };
+      var ctx = { sync: P.ctx.sync, events: P.ctx.events, groupColor: gc };
+      var span = function (u, min, max) {
+        var xs = u.data[0];
+        var lo = xs.length ? xs[0] : 0, hi = xs.length ? xs[xs.length - 1] : 1;
+        if (min == null || min < lo - 1 || (max != null && max > hi + 1)) { min = lo; max = hi; }
+        return [min, Math.max(max, min + 10)];
+      };
+      // all the cards first: a chart takes the width its card has when it is drawn
+      PEER_FAMILIES.forEach(function (f) {
+        P.charts[f] = chartCard(P.chartsBox, f, PEER_TITLES[f], (bytes ? "bytes" : "packets") + " per second, summed over peers");
+      });
+      PEER_FAMILIES.forEach(function (f) {
+        var cc = P.charts[f];
+        var series = groups.map(function (g, i) { return line(g || "all peers", color(i), { fill: fade(color(i), 0.08) }); });
+        if (groups.length > 1) series.push(line("total", "#374151", { dash: [4, 3], width: 1.25 }));
+        var empty = [[]].concat(series.map(function () { return []; }));
+        plot(cc, series, empty, ctx, { range: span, height: 150 });
+      });
+    }
+    var X = P.times.slice();
+    PEER_FAMILIES.forEach(function (f) {
+      var field = f + (bytes ? "BytesPerSecond" : "PerSecond");
+      var data = [X];
+      groups.forEach(function (g) {
+        data.push(X.map(function (t) { var r = P.data[t][g]; return r ? r[field] : null; }));
+      });
+      if (groups.length > 1) data.push(X.map(function (t) {
+        var slot = P.data[t], sum = null;
+        Object.keys(slot).forEach(function (g) { sum = (sum || 0) + slot[g][field]; });
+        return sum;
+      }));
+      P.charts[f].plot.setData(data);
+    });
+    P.chartsBox.dataset.points = String(X.length);
+  }
+
+  var PEERS = { live: peerView("live"), detail: peerView("detail") };
+
   // -- History -----------------------------------------------------------------------------------
   var historyBusy = false;
   function loadHistory() {
@@ -1233,6 +1436,7 @@
     setText($("detail-title"), id);
     setText($("detail-sub"), "loading…");
     clear($("detail-charts")); clear($("detail-cards")); clear($("detail-legend"));
+    peersReset(PEERS.detail);
     if (S.view === "history") history.replaceState(null, "", "#history/" + id);
     var base = "api/runs/" + enc(id);
     Promise.all([
@@ -1258,6 +1462,10 @@
       renderDetailCharts(D, rows, total);
       eventLegend($("detail-legend"), D.events);
       renderDetailTables(D);
+      // peers over the whole run, in about 400 points (2 s buckets at least)
+      var bucket = Math.max(PEER_BUCKET, Math.ceil((run.duration_s || 0) / 400));
+      peersLoad(PEERS.detail, id, { sync: D.sync, events: function () { return D.events; }, bucket: bucket, limit: 100000 },
+        function () { return S.detail === D; });
       $("run-detail").scrollIntoView({ behavior: "smooth", block: "start" });
     });
   }

@@ -77,9 +77,16 @@ def test_demo_profile_30s_every_group_has_requests(tmp_path: Path) -> None:
         "trainers",
         "sdk_runs",
         "tenants",
+        "peers",
+        "browsers",
     }
     for group in summary["groups"]:
         assert summary["group_totals"][group]["requests"] > 0, group
+    # the WebRTC room: every peer, the browser included, reported all seven packet families
+    sql = "SELECT entity, values_json FROM datapoint WHERE \"group\" IN ('peers', 'browsers') ORDER BY id"
+    peers = {entity: json.loads(values) for entity, values in rows(db, sql)}
+    assert sorted(v["kind"] for v in peers.values()) == ["aiortc"] * 4 + ["browser"], peers.keys()
+    assert all(v["receivedTotal"] > 0 and "expiredTotal" in v for v in peers.values())
     for key in ("run_id", "profile", "started_at", "ended_at"):
         assert summary[key]
     for key in ("requests", "failures", "error_rate", "rps", "p50_ms", "p95_ms", "p99_ms", "max_ms"):

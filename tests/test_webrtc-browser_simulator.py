@@ -15,12 +15,12 @@ from typing import Any
 
 import psutil
 import pytest
-from aiohttp import web
 
 from harness.errors import UsageError
 from harness.metrics import Metrics
 from harness.simulator import Simulator, SimulatorContext, StopUser, User
 from harness.targets.lighthouse import LighthouseConfig, build_app
+from harness.targets.runner import served
 from simulators.webrtc.browser import BrowserOptions, BrowserSimulator, profile_processes
 from simulators.webrtc.protocol import FAMILIES
 
@@ -51,15 +51,8 @@ def _browsers_installed() -> None:
 @asynccontextmanager
 async def lighthouse(**config: Any) -> AsyncIterator[str]:
     """A real lighthouse on 127.0.0.1 and a free port, in this loop."""
-    runner = web.AppRunner(build_app(LighthouseConfig.model_validate({"seed": 1, **config})))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with served(build_app(LighthouseConfig.model_validate({"seed": 1, **config}))) as url:
+        yield url
 
 
 def make_ctx(

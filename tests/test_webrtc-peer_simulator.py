@@ -13,11 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from harness.metrics import Metrics
 from harness.simulator import SimulatorContext, StopUser, User, load_simulator
 from harness.targets.lighthouse import LighthouseConfig, build_app
+from harness.targets.runner import served
 from simulators.webrtc import peers as peers_module
 from simulators.webrtc.peer import Peer, filter_sdp, pin_loopback
 from simulators.webrtc.peers import PeerOptions, PeerSimulator
@@ -40,15 +40,8 @@ FAST = {
 @asynccontextmanager
 async def lighthouse(**config: Any) -> AsyncIterator[str]:
     """A real lighthouse on 127.0.0.1 in this loop; yields its base URL."""
-    app = build_app(LighthouseConfig.model_validate({"seed": 1, **config}))
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with served(build_app(LighthouseConfig.model_validate({"seed": 1, **config}))) as url:
+        yield url
 
 
 def make_sim(url: str, metrics: Metrics, seed: int = 1, **options: Any) -> PeerSimulator:

@@ -14,7 +14,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -64,6 +65,30 @@ async def _serve(app: web.Application, host: str, port: int, on_listening: Calla
         await runner.cleanup()
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+async def serve_local(app: web.Application, shutdown_timeout: float = 1.0) -> tuple[web.AppRunner, str]:
+    """Serve `app` on 127.0.0.1 and a free port in the running loop (a simulator's callback server, a
+    test's target): the runner, to `cleanup()` when done, and the base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return runner, _base_url(host, port)
+
+
+@asynccontextmanager
+async def served(app: web.Application, shutdown_timeout: float = 1.0) -> AsyncIterator[str]:
+    """`serve_local` as a context manager: yields the base URL, cleans up on exit."""
+    runner, url = await serve_local(app, shutdown_timeout)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
 
 
 def _send(ready: Any, message: int | str) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
-HOST = "127.0.0.1"
+from harness.targets.runner import serve_local
+
 MESSAGE_PREFIX = "hm-"
 """Message ids start with this; the content's first word is the id."""
 _EARLY_TTL = 60.0
@@ -71,12 +72,7 @@ class WebhookListener:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post("/topic/{topic}/", self._handle)
         app.router.add_post("/topic/{topic}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, HOST, 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_local(app)
         return self.url
 
     async def close(self) -> None:

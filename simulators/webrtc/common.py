@@ -13,9 +13,7 @@ from harness.durations import Duration
 from harness.metrics import Metrics
 from harness.simulator import check_target_choice
 from harness.targets.results import InfluxWriter, influx_lines
-
-FAMILIES = ("sent", "received", "relayed", "all", "relevant", "duplicate", "expired")
-"""The original's packet families, in its order (seed-systems.md §3.3)."""
+from simulators.webrtc.protocol import FAMILIES
 
 BUILTIN_ROUTINES = ("catalyst", "silent", "walk")
 """Routines every peer knows by name (aiortc and browser alike); see `routines`."""

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from harness.metrics import Metrics
 from harness.targets.results import RunBackend, add_results_routes
+from harness.targets.runner import serve_local
 from simulators.webrtc.common import PeerReporter
 
 CLIENT_DIR = Path(__file__).resolve().parent / "client"
@@ -84,13 +85,7 @@ class PageServer:
 
     async def start(self) -> str:
         """Listen on 127.0.0.1 and a free port; returns the base URL."""
-        runner = web.AppRunner(self.build_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_local(self.build_app())
         return self.url
 
     async def close(self) -> None:

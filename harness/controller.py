@@ -122,15 +122,23 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + pysecrets.token_hex(2)
 
 
-def start_targets(loaded: LoadedProfile) -> tuple[dict[str, str], list[EmbeddedTarget]]:
-    """Start embedded targets and check external ones; TargetError names the one that failed."""
+def start_targets(
+    loaded: LoadedProfile, db_path: Path | None = None
+) -> tuple[dict[str, str], list[EmbeddedTarget]]:
+    """Start embedded targets and check external ones; TargetError names the one that failed.
+
+    A target that keeps data in the harness database (one whose config has a `db` field, e.g. `results`)
+    gets the run's database `db_path` unless its config names another."""
     urls: dict[str, str] = {}
     started: list[EmbeddedTarget] = []
     try:
         for name, ref in loaded.profile.targets.items():
             if ref.embedded:
                 kind = ref.kind or name
-                target = EmbeddedTarget(name, kind, ref.config(), port=ref.port)
+                config = ref.config()
+                if db_path is not None and "db" in get_target(kind).config_model.model_fields:
+                    config.setdefault("db", str(db_path))
+                target = EmbeddedTarget(name, kind, config, port=ref.port)
                 urls[name] = target.start(timeout=ref.start_timeout)
                 started.append(target)
                 log.info("target %s (%s) ready at %s", name, kind, urls[name])
@@ -261,7 +269,7 @@ class RunController:
             handler.addFilter(secret_filter)
 
         prepare_forkserver(loaded)
-        targets, embedded = start_targets(loaded)
+        targets, embedded = start_targets(loaded, options.db_path)
         # a kind name check for embedded targets happened in start_targets; keep the list for the panel
         _ = [get_target(ref.kind or name) for name, ref in profile.targets.items() if ref.embedded]
 

@@ -180,3 +180,21 @@ class Prepared(Simulator):
         mine = conversations[self.ctx.global_user(user) % len(conversations)]
         with self.metrics.timer(f"talk {mine.rsplit('-', 1)[1]}", kind="test"):
             await asyncio.sleep(0.01)
+
+
+class ResultsPeer(Simulator):
+    """Submits metrics for the run to a `results` target, as an original Catalyst client would."""
+
+    name = "results-peer"
+
+    async def iteration(self, user: User) -> None:
+        import aiohttp
+
+        url = f"{self.ctx.target_url()}/test/{self.ctx.run_id}/peer/peer-{user.id}/metrics"
+        async with aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.put(url, json={"sent": user.iterations, "knownPeersCount": 1}) as response:
+                ok = response.status == 200
+                self.metrics.request(
+                    "PUT metrics", time.monotonic() - started, ok=ok, error=str(response.status)
+                )

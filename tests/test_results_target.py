@@ -646,3 +646,23 @@ def test_influx_writer_counts_failures_and_logs_once(
 
     stats = bg.call(overflow())
     assert stats["dropped_lines"] == 6 and stats["failed_lines"] == 4
+
+
+def test_a_harness_run_is_a_test_of_its_embedded_results_target(tmp_path: Path) -> None:
+    """The embedded `results` target writes into the run's own database (`--db`), and the run's id is a
+    test there: an original client's metrics PUTs become the run's data points."""
+    from tests.test_run import rows, start
+
+    profile = {
+        "name": "results-in-run",
+        "duration": "4s",
+        "stop_grace": "2s",
+        "targets": {"results": {"embedded": True}},
+        "groups": {"clients": {"simulator": "tests.sims:ResultsPeer", "users": 2, "think_time": "200ms"}},
+    }
+    proc, summary, db = start(tmp_path, profile)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary["group_totals"]["clients"]["failures"] == 0
+    points = rows(db, 'SELECT run_id, "group", entity FROM datapoint')
+    assert points and {p[0] for p in points} == {summary["run_id"]}
+    assert {p[1] for p in points} == {"peers"} and {p[2] for p in points} == {"peer-0", "peer-1"}

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--headless",
         action="store_true",
-        help="no web panel (default: serve the panel on 127.0.0.1:8089 and keep it up after the run)",
+        help="no web panel (default: serve the panel on 127.0.0.1:8089 and keep it up after the run); "
+        "a profile with agents: still serves the hub agents connect to on --host/--port for the run",
     )
     start.add_argument(
         "--duration", "-d", metavar="DURATION", help="override the profile's duration (30s, 2m, 1h)"
@@ -241,6 +242,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up on an unreachable host after this long (default 10; the SDK's own is 300)",
     )
 
+    agent = sub.add_parser(
+        "agent",
+        help="run workers for a controller on another machine",
+        description=(
+            "Connect to a controller and run the workers it places here, until Ctrl-C or SIGTERM (then the\n"
+            "workers stop gracefully, what they recorded is handed over, and the agent exits 0).\n"
+            "\n"
+            "The controller is `harness start` of a profile with `agents:` (headless too: it serves the hub\n"
+            "on --host/--port) or `harness serve`; its panel address is the hub. Off loopback the panel\n"
+            "needs a token, and agents present the same one (--token or $HARNESS_TOKEN). A profile asks:\n"
+            "  agents: {min: 2, wait: 60s, names: [], labels: [], local: false,\n"
+            "           on_lost: move, lost_timeout: 30s}\n"
+            "  min/wait      agents needed before the run starts, and how long to wait (fewer: exit 2)\n"
+            "  names/labels  only agents with one of these --name values / --labels\n"
+            "  local         also run workers on the controller's machine\n"
+            "  on_lost       an agent away longer than lost_timeout: move its workers to an agent that came\n"
+            "                during the run, else its share to the others (move); or fail the run (fail)\n"
+            "A run takes every free agent that matches when it starts. Each group's `processes` is its\n"
+            "workers on EACH agent, placed only on agents that have the group's simulator; users or rate\n"
+            "are split by each agent's --processes. Embedded targets cannot be used with agents (they\n"
+            "listen on the controller's 127.0.0.1): give targets external URLs.\n"
+            "\n"
+            "The agent says what it offers (cores, memory, processes, simulators that import here,\n"
+            "open-file limit, versions), measures its clock offset to the controller (timestamps are\n"
+            "corrected by it), and reports every second. Everything its workers send is kept until the\n"
+            "controller has it (up to 100,000 messages or 256 MB; beyond that the oldest are dropped and\n"
+            "counted): after a dropped connection the agent reconnects by itself and delivers what was\n"
+            "recorded meanwhile. An agent silent for 3.5 s is `disconnected` (its workers are paused), and\n"
+            "`lost` after lost_timeout."
+        ),
+        epilog=(
+            "example: HARNESS_TOKEN=... harness agent --controller http://10.0.0.5:8089 --name a1\n"
+            "exit codes: 0 stopped by Ctrl-C/SIGTERM; 2 bad input (a bad flag, or the controller\n"
+            "refused the agent: 'controller refused the agent: unauthorized' for a wrong or missing\n"
+            "token). An unreachable controller is retried until it answers."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    agent.add_argument(
+        "--controller",
+        required=True,
+        metavar="URL",
+        help="the controller's panel address, e.g. http://10.0.0.5:8089",
+    )
+    agent.add_argument("--token", metavar="TOKEN", help="the controller's token (default $HARNESS_TOKEN)")
+    agent.add_argument("--name", metavar="NAME", help="this agent's name (default: the host name)")
+    agent.add_argument(
+        "--labels", default="", metavar="A,B", help="labels a profile can select agents by (agents.labels)"
+    )
+    agent.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="how many workers this agent offers: its weight when users are split (default: its cores)",
+    )
+    agent.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the workers' run files go, as DIR/runs/<run_id> (default ./harness-agent)",
+    )
+
     target = sub.add_parser(
         "target",
         help="run an embedded reference target on its own",
@@ -359,8 +422,28 @@ def cmd_start(args: argparse.Namespace) -> int:
         view_mode=view_mode,
         log_level=getattr(logging, args.log_level),
     )
+    if loaded.profile.agents is not None:
+        # agents connect to the panel's server: serve it (no browser needed) for the run's length
+        with _Panel(args) as panel:
+            options.agent_hub = panel.app.extensions["harness_agents"]
+            return run(loaded, options).exit_code
     result = run(loaded, options)
     return result.exit_code
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """`harness agent --controller URL`."""
+    import os
+
+    from harness.agent import run_agent
+
+    if not args.controller.startswith(("http://", "https://")):
+        raise UsageError(f"--controller: expected an http:// or https:// address, got {args.controller!r}")
+    if args.processes is not None and args.processes < 1:
+        raise UsageError("--processes: expected a number >= 1")
+    token = args.token or os.environ.get("HARNESS_TOKEN") or None
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    return run_agent(args.controller, token, args.name, labels, args.processes, args.work_dir)
 
 
 class _Panel:

@@ -34,6 +34,7 @@ from harness.errors import (
     UsageError,
 )
 from harness.profile import LoadedProfile
+from harness.remote import RemoteRun
 from harness.report import summarize, write_summary
 from harness.report.files import write_reports
 from harness.store import Run, Store
@@ -59,6 +60,8 @@ class RunOptions:
     log_level: int = logging.INFO
     listeners: list[Any] = field(default_factory=list)
     """Extra callables that receive each live tick."""
+    agent_hub: Any = None
+    """The agents hub (`web.agents.AgentHub`) a profile with `agents:` takes its agents from."""
 
 
 @dataclass
@@ -256,6 +259,18 @@ class RunController:
                 return None
 
     def _run(self) -> RunResult:
+        remote: RemoteRun | None = None
+        if self.loaded.profile.agents is not None:
+            remote = RemoteRun.take(
+                self.options.agent_hub, self.run_id, self.loaded, cancelled=lambda: self._stop_requested
+            )
+        try:
+            return self._run_with(remote)
+        finally:
+            if remote is not None:
+                remote.end()
+
+    def _run_with(self, remote: RemoteRun | None) -> RunResult:
         from harness.console import LiveView, print_summary
 
         loaded, options, run_id = self.loaded, self.options, self.run_id
@@ -293,7 +308,9 @@ class RunController:
         run_handler = _RunLogHandler(collector)
         run_handler.addFilter(secret_filter)
         root.addHandler(run_handler)
-        supervisor = Supervisor(run_id, loaded, targets, collector, store, str(report_dir), options.log_level)
+        supervisor = Supervisor(
+            run_id, loaded, targets, collector, store, str(report_dir), options.log_level, remote=remote
+        )
         view = LiveView(
             run_id,
             profile.name,
@@ -317,6 +334,8 @@ class RunController:
                 duration_s=profile.duration,
                 targets=targets,
             )
+            if remote is not None:
+                remote.announce(collector)
             collector.start()
             supervisor.prepare()  # the groups' once-per-run set-up; a failure aborts below
             supervisor.start()

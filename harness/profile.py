@@ -187,6 +187,37 @@ def _threshold_spec(value: Any) -> Any:
     )
 
 
+class Agents(BaseModel):
+    """Remote agents a run needs (`harness agent` processes connected to the controller's hub).
+
+    Each group's `processes` is the number of workers PER AGENT (and on the controller when `local`);
+    a group goes only to agents that have its simulator; users or rate are split by agent capacity.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(default=1, ge=0)
+    """Agents needed before the run starts."""
+    wait: Duration = 60.0
+    """How long to wait for them; not enough by then is bad input (exit 2)."""
+    names: list[str] = Field(default_factory=list)
+    """Only agents with one of these names (`harness agent --name`)."""
+    labels: list[str] = Field(default_factory=list)
+    """Only agents with at least one of these labels (`harness agent --labels`)."""
+    local: bool = False
+    """Also run workers on the controller's own machine."""
+    on_lost: Literal["fail", "move"] = "move"
+    """An agent lost mid-run: abort the run (fail), or (move) hand its workers to an agent that connected
+    during the run, else give their share to the remaining workers."""
+    lost_timeout: Duration = Field(default=30.0, gt=0)
+    """An agent disconnected this long is lost; until then its workers are paused, not restarted."""
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Agents:
+        if self.min == 0 and not self.local:
+            raise ValueError("min: 0 leaves no workers anywhere: give min >= 1 or local: true")
+        return self
+
+
 class Profile(BaseModel):
     """A whole run."""
 
@@ -203,6 +234,8 @@ class Profile(BaseModel):
     groups: dict[str, Group] = Field(min_length=1)
     thresholds: list[Annotated[ThresholdSpec, BeforeValidator(_threshold_spec)]] = Field(default_factory=list)
     """Pass/fail conditions: expression strings or `{expr, abort_on_fail, delay}` (see harness.thresholds)."""
+    agents: Agents | None = None
+    """Run the groups' workers on remote agents (see `harness agent --help`)."""
 
     @field_validator("targets", "groups")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -20,8 +21,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from harness.collector import Collector
+from harness.durations import format_duration
 from harness.errors import UsageError, WorkerBootError
 from harness.profile import Group, LoadedProfile
+from harness.remote import LOST_EXIT_CODE, AgentLink, RemoteRun
 from harness.simulator import registered_simulators
 from harness.store import Store
 from harness.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
@@ -54,6 +57,10 @@ class _Slot:
     stopping: bool = False
     finished: bool = False
     target: float = 0.0
+    agent: AgentLink | None = None
+    """The remote agent this slot's worker runs on (None: this machine)."""
+    weight: float = 1.0
+    """The slot's share of the group's load relative to the other slots (an agent's capacity)."""
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Supervisor:
         store: Store,
         run_dir: str,
         log_level: int = logging.INFO,
+        remote: RemoteRun | None = None,
     ) -> None:
         self.run_id = run_id
         self.profile = loaded.profile
@@ -115,6 +123,10 @@ class Supervisor:
         self._conns: dict[Connection, _Slot] = {}
         self.prepared: dict[str, Any] = {}
         """Each group's `prepare_run` result, handed to its workers."""
+        self.remote = remote
+        """The run's agents, when its profile has `agents:` (remote slots relay through them)."""
+        if remote is not None:
+            remote.dispatch = self._dispatch
         collector.group_state = self.group_state
 
     # -- start -----------------------------------------------------------------------------
@@ -165,16 +177,17 @@ class Supervisor:
         self._reader = threading.Thread(target=self._read_loop, name="supervisor-reader", daemon=True)
         self._reader.start()
 
-    def _spec(self, name: str, group: Group, index: int) -> WorkerSpec:
+    def _spec(self, name: str, group: Group, index: int, workers: int | None = None) -> WorkerSpec:
+        workers = workers or group.processes
         total = group.total_iterations
         share = None
         if total is not None:
-            share = total // group.processes + (1 if index < total % group.processes else 0)
+            share = total // workers + (1 if index < total % workers else 0)
         return WorkerSpec(
             run_id=self.run_id,
             group=name,
             index=index,
-            workers=group.processes,
+            workers=workers,
             simulator=group.simulator,
             options=self.loaded.options[name].model_dump(by_alias=True)
             if name in self.loaded.options
@@ -185,7 +198,7 @@ class Supervisor:
             seed=self.profile.seed,
             think_time=group.think_time.model_dump(by_alias=True),
             arrival=group.arrival,
-            max_in_flight=max(1, math.ceil(group.max_in_flight / group.processes)),
+            max_in_flight=max(1, math.ceil(group.max_in_flight / workers)),
             iterations=group.iterations,
             total_iterations=share,
             log_level=self.log_level,
@@ -195,10 +208,18 @@ class Supervisor:
 
     def _start_group(self, state: _GroupState) -> None:
         state.started = True
-        for index in range(state.config.processes):
+        # with agents, `processes` workers on each agent that has the simulator (and here if `local`)
+        where: list[AgentLink | None] = [None]
+        if self.remote is not None:
+            where = self.remote.placements(state.name, state.config.simulator)
+        places = [place for place in where for _ in range(state.config.processes)]
+        for index, place in enumerate(places):
             if state.config.total_iterations is not None and index >= state.config.total_iterations:
                 break
-            slot = _Slot(state.name, index, self._spec(state.name, state.config, index))
+            slot = _Slot(state.name, index, self._spec(state.name, state.config, index, len(places)))
+            slot.agent = place
+            if self.remote is not None:
+                slot.weight = place.weight if place is not None else float(os.cpu_count() or 1)
             state.slots.append(slot)
             self._launch(slot)
         self.collector.event(
@@ -210,6 +231,9 @@ class Supervisor:
         )
 
     def _launch(self, slot: _Slot) -> None:
+        if slot.agent is not None:
+            self._launch_remote(slot, slot.agent)
+            return
         parent, child = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(
             target=worker_main,
@@ -232,6 +256,25 @@ class Supervisor:
             worker=slot.index,
             pid=process.pid,
             restarts=slot.restarts,
+        )
+        if slot.target:
+            self._send(slot, "set", {"target": slot.target})
+
+    def _launch_remote(self, slot: _Slot, agent: AgentLink) -> None:
+        assert self.remote is not None
+        with self._lock:
+            slot.last_seen = time.time()
+            slot.booted = False
+            slot.done = slot.finished = False
+        self.remote.launch(agent, slot, slot.spec)  # sets slot.process and slot.conn to its proxies
+        slot.row_id = self.store.add_worker(self.run_id, slot.group, slot.index, None, slot.restarts)
+        self.collector.event(
+            "worker_started" if slot.restarts == 0 else "worker_restarted",
+            slot.group,
+            worker=slot.index,
+            pid=None,
+            restarts=slot.restarts,
+            agent=agent.name,
         )
         if slot.target:
             self._send(slot, "set", {"target": slot.target})
@@ -297,6 +340,10 @@ class Supervisor:
         now = time.time() if now is None else now
         if self.fatal:
             return
+        if self.remote is not None:
+            self._follow_agents(now)
+            if self.fatal:
+                return
         elapsed = now - self.started_at
         for state in self.groups.values():
             if state.finished:
@@ -336,7 +383,9 @@ class Supervisor:
         state.target = point_target
         state.users_max = max(state.users_max, state.current)
         live = [s for s in state.slots if not s.finished]
-        shares = _split(state.current, len(live), integer=group.mode == "closed")
+        shares = _split(
+            state.current, len(live), integer=group.mode == "closed", weights=[s.weight for s in live]
+        )
         for slot, share in zip(live, shares, strict=True):
             if share != slot.target:
                 slot.target = share
@@ -360,6 +409,8 @@ class Supervisor:
         for slot in state.slots:
             if slot.finished or slot.process is None:
                 continue
+            if slot.agent is not None and slot.process.paused:
+                continue  # its agent is out of reach: neither silent nor dead until it is lost
             code = slot.process.exitcode
             if code is None:
                 if slot.booted and now - slot.last_seen > HEARTBEAT_TIMEOUT and not slot.stopping:
@@ -411,6 +462,52 @@ class Supervisor:
         self.collector.forget_worker(slot.group, slot.index)
         if slot.row_id is not None:
             self.store.end_worker(slot.row_id, code)
+
+    def _follow_agents(self, now: float) -> None:
+        """Agents that came back get their workers' targets again; lost ones fail or move (on_lost)."""
+        assert self.remote is not None
+        for change, link in self.remote.poll(self.collector, now):
+            slots = [s for st in self.groups.values() for s in st.slots if s.agent is link and not s.finished]
+            if change == "reconnected":
+                for slot in slots:
+                    slot.last_seen = now
+                    if slot.target:
+                        self._send(slot, "set", {"target": slot.target})
+                continue
+            away = format_duration(self.remote.settings.lost_timeout)
+            if self.remote.settings.on_lost == "fail":
+                self.fatal = f"agent {link.name!r} was lost (away for more than {away})"
+                return
+            simulators = {self.groups[slot.group].config.simulator for slot in slots}
+            spare = None
+            if slots and not any(s.stopping for s in slots):  # (a draining run starts no workers)
+                spare = self.remote.replacement(link, simulators, self.collector)
+            if spare is not None:  # move: an agent that came during the run takes the workers over
+                for slot in slots:
+                    if slot.row_id is not None:
+                        self.store.end_worker(slot.row_id, LOST_EXIT_CODE)
+                    slot.agent, slot.weight = spare, spare.weight
+                    slot.restarts += 1
+                    self._launch(slot)
+                workers = "1 worker" if len(slots) == 1 else f"{len(slots)} workers"
+                log.warning(
+                    "agent %s lost (away for %s): %s moved to agent %s", link.name, away, workers, spare.name
+                )
+                continue
+            for slot in slots:  # move: its share goes to the remaining slots of the group
+                slot.finished = True
+                if slot.row_id is not None:
+                    self.store.end_worker(slot.row_id, LOST_EXIT_CODE)
+                self.collector.forget_worker(slot.group, slot.index)
+            for state in self.groups.values():
+                if state.started and not state.finished and all(s.finished for s in state.slots):
+                    self.fatal = f"group {state.name!r}: no workers left after agent {link.name!r} was lost"
+                    return
+            moved = "it ran no workers of this run"
+            if slots:
+                moved = "1 worker's share" if len(slots) == 1 else f"{len(slots)} workers' shares"
+                moved += " moved to the others"
+            log.warning("agent %s lost (away for %s): %s", link.name, away, moved)
 
     def _finish_group(self, state: _GroupState, reason: str) -> None:
         state.finished = True
@@ -499,14 +596,31 @@ class Supervisor:
             pass
 
 
-def _split(total: float, parts: int, integer: bool) -> list[float]:
-    """Split users (whole numbers) or a rate across workers."""
+def _split(total: float, parts: int, integer: bool, weights: list[float] | None = None) -> list[float]:
+    """Split users (whole numbers) or a rate across workers, in proportion to `weights` if given."""
     if parts <= 0:
         return []
+    if weights is not None and len(set(weights)) > 1:
+        return _split_weighted(total, weights, integer)
     if not integer:
         return [total / parts] * parts
     whole = int(round(total))
     return [float(whole // parts + (1 if i < whole % parts else 0)) for i in range(parts)]
+
+
+def _split_weighted(total: float, weights: list[float], integer: bool) -> list[float]:
+    """Shares proportional to `weights`; whole users by largest remainder (ties to the first)."""
+    wsum = sum(weights)
+    exact = [total * w / wsum for w in weights]
+    if not integer:
+        return exact
+    whole = int(round(total))
+    exact = [whole * w / wsum for w in weights]
+    shares = [math.floor(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
+    for i in order[: whole - sum(shares)]:
+        shares[i] += 1
+    return [float(s) for s in shares]
 
 
 def _describe(code: int) -> str:

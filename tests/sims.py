@@ -198,3 +198,34 @@ class ResultsPeer(Simulator):
                 self.metrics.request(
                     "PUT metrics", time.monotonic() - started, ok=ok, error=str(response.status)
                 )
+
+
+class SyntheticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sleep: float = 0.02
+    """A real pause per iteration (seconds), so a run lasts long enough to be interrupted."""
+
+
+def synthetic_latency(global_user: int, iteration: int) -> float:
+    """A latency in seconds, about 1 ms .. 2 s on a log scale, determined by the pair alone."""
+    mixed = ((global_user * 7919 + iteration * 104729 + 12345) * 2654435761) % 2**32
+    return 0.001 * 2000 ** (mixed / 2**32)
+
+
+class Synthetic(Simulator):
+    """Records `op` with a latency that depends only on (global user, iteration), plus a counter.
+
+    Any placement of the same users over workers, processes or hosts records the same multiset of
+    latencies, so merged percentiles of two such runs are equal when nothing was lost or repeated.
+    """
+
+    name = "synthetic"
+    Options = SyntheticOptions
+
+    async def iteration(self, user: User) -> None:
+        if self.options.sleep > 0:
+            await asyncio.sleep(self.options.sleep)
+        self.metrics.request(
+            "op", synthetic_latency(self.ctx.global_user(user), user.iterations), kind="test"
+        )
+        self.metrics.counter("synthetic_ops")

@@ -159,3 +159,10 @@ def test_unknown_command_and_flags_are_bad_input(cli: Callable[..., Any]) -> Non
     assert proc.returncode == 2
     assert "--profile" in proc.stderr
     assert cli().returncode == 2  # no command: help, bad input
+
+
+def test_agent_with_bad_controller_or_processes(
+    cli: Callable[..., Any], one_line_error: Callable[..., str]
+) -> None:
+    one_line_error(cli("agent", "--controller", "ftp://example.com"), "--controller", "http://")
+    one_line_error(cli("agent", "--controller", "http://127.0.0.1:9", "--processes", "0"), "--processes")

@@ -548,3 +548,24 @@ def test_ctrl_c_stops_a_panel_run_gracefully(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_agents_hub_lists_connected_agents_and_refuses_a_wrong_token(token_app: Flask) -> None:
+    wrong = socketio.test_client(token_app, namespace="/agents", auth={"token": "nope"})
+    assert not wrong.is_connected("/agents")
+    agent = socketio.test_client(token_app, namespace="/agents", auth={"token": TOKEN})
+    assert agent.is_connected("/agents")
+    hello = {"agent_id": "x1", "name": "a1", "labels": ["eu"], "capacity": {"cores": 2, "processes": 2}}
+    answer = agent.emit("hello", hello, namespace="/agents", callback=True)
+    assert answer["ack"] == 0 and answer["cseq"] == 1
+    api = token_app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    listed = api.get("/api/agents", headers=auth).get_json()
+    assert listed["clock_warning_s"] == 0.5
+    [one] = listed["agents"]
+    assert (one["name"], one["labels"], one["health"], one["state"]) == ("a1", ["eu"], "ok", "idle")
+    assert one["capacity"] == {"cores": 2, "processes": 2} and one["run_id"] is None
+    agent.disconnect(namespace="/agents")
+    [gone] = api.get("/api/agents", headers=auth).get_json()["agents"]
+    assert gone["health"] == "disconnected"
+    assert api.get("/api/agents").status_code == 401

@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
 from harness.store import Store, default_db_path
 from web.extensions import socketio
@@ -40,7 +40,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     MAX_PROFILE_BYTES (64 KiB), SECRET_KEY (random per process unless given or `$HARNESS_SECRET_KEY`),
     MESSAGE_QUEUE (a Redis URL for a multi-process deployment; default `$HARNESS_MESSAGE_QUEUE`).
     """
-    from web import api, events, ui  # noqa: F401  (events registers the Socket.IO handlers)
+    from web import agents, api, events, ui  # noqa: F401  (events, agents register Socket.IO handlers)
     from web.runs import RunManager
     from web.security import check_bind
 
@@ -79,7 +79,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def emit(event: str, data: Any, to: str | None = None) -> None:
         server.emit(event, data, to=to, namespace="/")
 
-    manager = RunManager(db_path, emit, socketio.start_background_task)
+    hub = agents.AgentHub(server)
+    app.extensions["harness_agents"] = hub
+    manager = RunManager(db_path, emit, socketio.start_background_task, agent_hub=hub)
     app.extensions["harness_runs"] = manager
     # a server that exits (gunicorn's SIGTERM, Ctrl-C) stops its run gracefully rather than leaving
     # worker processes behind and the run marked aborted only on the next start
@@ -98,6 +100,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return jsonify(error=message), code
 
     return app
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """werkzeug's handler, but a connection that ended inside a request is closed, not read on.
+
+    A WebSocket served through werkzeug (simple-websocket) ends by raising ConnectionError from the
+    app; werkzeug then kept the HTTP/1.1 connection open and parsed the peer's last WebSocket frames
+    (its close frame, after a refused agent or a closed panel tab) as a new request: `code 400, message
+    Bad request syntax` and `Bad HTTP/0.9 request type` lines in the terminal.
+    """
+
+    def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
+        self.close_connection = True
 
 
 def make_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
@@ -121,7 +136,9 @@ def make_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(128)
-        return werkzeug_server(host, port, app, threaded=True, fd=sock.fileno())
+        return werkzeug_server(
+            host, port, app, threaded=True, fd=sock.fileno(), request_handler=_RequestHandler
+        )
     except OSError as exc:
         raise UsageError(
             f"cannot serve the panel on {host}:{port}: {exc.strerror or exc} (choose another --port)"

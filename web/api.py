@@ -52,6 +52,8 @@ REPORT_TYPES = {
 }
 MAX_OVERRIDES = 100
 MAX_WINDOW = 3600
+CLOCK_WARNING_S = 0.5
+"""An agent whose clock is off by more than this distorts the timeline: the panel warns."""
 
 
 class ApiError(Exception):
@@ -828,3 +830,12 @@ def _float_arg(name: str, default: float) -> float:
 
 
 __all__ = ["ApiError", "bp"]
+
+
+@bp.get("/agents")
+def list_agents() -> Response:
+    """Agents connected to this panel's hub (and those that dropped out recently): name, labels,
+    capacity, clock offset, health (ok | silent | disconnected), the run that holds each, its workers,
+    and its outbox (relayed messages not yet acknowledged) and dropped count."""
+    hub = current_app.extensions.get("harness_agents")
+    return jsonify(agents=hub.view() if hub is not None else [], clock_warning_s=CLOCK_WARNING_S)

@@ -87,8 +87,11 @@ class RunManager:
         emit: Callable[..., Any],
         start_task: Callable[..., Any],
         log_level: int = logging.INFO,
+        agent_hub: Any = None,
     ) -> None:
         self.db_path = Path(db_path)
+        self.agent_hub = agent_hub
+        """The app's agents hub (`web.agents.AgentHub`), for runs of profiles with `agents:`."""
         self._emit = emit
         self._start_task = start_task
         self.log_level = log_level
@@ -151,7 +154,9 @@ class RunManager:
             active = self.active
             if active is not None:
                 raise RunConflict(f"run {active.run_id} is still {active.controller.status}: stop it first")
-            options = RunOptions(db_path=self.db_path, view_mode=view_mode, log_level=self.log_level)
+            options = RunOptions(
+                db_path=self.db_path, view_mode=view_mode, log_level=self.log_level, agent_hub=self.agent_hub
+            )
             controller = RunController(loaded, options)
             options.report_dir = report_dir or self.db_path.parent / "runs" / controller.run_id
             record = RunRecord(controller, who)

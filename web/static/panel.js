@@ -18,15 +18,20 @@
     worker_restarted: "#d97706", worker_unresponsive: "#dc2626", worker_given_up: "#dc2626",
     threshold_aborted: "#dc2626", degradation: "#dc2626", scaled_manually: "#0891b2",
     group_finished: "#6b7280", target_restarted: "#d97706", recovered_aborted: "#dc2626",
-    stop_requested: "#7c3aed", operator_action: "#0f766e", baseline_marked: "#d97706"
+    stop_requested: "#7c3aed", operator_action: "#0f766e", baseline_marked: "#d97706",
+    agent_joined: "#0f766e", agent_disconnected: "#d97706", agent_reconnected: "#16a34a", agent_lost: "#dc2626",
+    agent_idle: "#6b7280"
   };
   var EVENT_LABELS = {
     run_started: "start", stopping: "stopping", run_stopped: "stopped", worker_exited: "worker exited",
     worker_restarted: "worker restarted", worker_unresponsive: "worker unresponsive",
     worker_given_up: "worker given up", threshold_aborted: "threshold abort", degradation: "degradation",
     scaled_manually: "scaled by hand", group_finished: "group finished", target_restarted: "target restarted",
-    stop_requested: "stop requested", operator_action: "operator action", baseline_marked: "marked baseline"
+    stop_requested: "stop requested", operator_action: "operator action", baseline_marked: "marked baseline",
+    agent_joined: "agent joined", agent_disconnected: "agent disconnected", agent_reconnected: "agent reconnected",
+    agent_lost: "agent lost", agent_idle: "agent idle"
   };
+  var CLOCK_WARN_S = 0.5;          // an agent's clock offset beyond this distorts the timeline
 
   var S = {
     csrf: null,
@@ -740,7 +745,47 @@
     });
   }
 
+  // -- agents (remote machines connected to this panel's hub) -----------------------------------
+  function loadAgents() {
+    api("GET", "api/agents").then(function (res) {
+      if (!res.ok) return;
+      var agents = asList(res.data, "agents");
+      var limit = (res.data && res.data.clock_warning_s) || CLOCK_WARN_S;
+      $("agents-section").hidden = !agents.length;
+      var body = $("agents-table").tBodies[0];
+      clear(body);
+      var skewed = [];
+      agents.forEach(function (a) {
+        var cap = a.capacity || {};
+        var off = Number(a.clock_offset_s || 0);
+        if (Math.abs(off) > limit) skewed.push(a.name);
+        var tr = el("tr");
+        tr.appendChild(el("td", null, a.name));
+        tr.appendChild(el("td", null, (a.labels || []).join(", ")));
+        var health = el("td", "agent-health", a.health);
+        health.setAttribute("data-health", a.health);
+        tr.appendChild(health);
+        tr.appendChild(el("td", "num", cap.cores != null ? cap.cores : "–"));
+        tr.appendChild(el("td", "num", cap.processes != null ? cap.processes : "–"));
+        tr.appendChild(el("td", "num", a.workers));
+        var clock = el("td", "num", (off >= 0 ? "+" : "") + off.toFixed(3) + " s");
+        if (Math.abs(off) > limit) clock.className = "num warn";
+        tr.appendChild(clock);
+        tr.appendChild(el("td", "num", a.outbox));
+        tr.appendChild(el("td", "num" + (a.dropped ? " warn" : ""), a.dropped));
+        tr.appendChild(el("td", "num", a.cpu_percent != null ? Math.round(a.cpu_percent) : "–"));
+        tr.appendChild(el("td", null, a.run_id || (a.health === "disconnected" ? "" : "idle")));
+        body.appendChild(tr);
+      });
+      var warn = $("agents-warn");
+      warn.hidden = !skewed.length;
+      setText(warn, skewed.length ? "Clock offset above " + limit + " s on " + skewed.join(", ") +
+        ": timestamps are corrected by the measured offset, but a drifting clock distorts the timeline." : "");
+    });
+  }
+
   function pollLive() {
+    loadAgents();
     var L = S.live;
     if (!L || !L.ticks.length) return;   // nothing is stored before the first tick
     var base = "api/runs/" + enc(L.id);

@@ -53,7 +53,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from typing import Any
 
 import psutil
 import yaml
+from bench import Sampler  # this folder: the process-tree sampler of scripts/bench
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB = Path(__file__).resolve().parent
@@ -129,33 +129,21 @@ def system_busy_s() -> float:
     return float(ct.user + ct.system + getattr(ct, "nice", 0.0))
 
 
-class Probe(threading.Thread):
+class Probe(Sampler):
     """During one run: the CPU seconds of its process tree (and of this process), the machine's busy
     CPU seconds, and the memory (RSS, PSS) of the worker of one group."""
 
     def __init__(self, pid: int, db: Path, group: str, interval: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
+        super().__init__(pid, interval)
         self.db = db
         self.group = group
-        self.interval = interval
-        self.samples: list[tuple[float, float, float]] = []  # (epoch, ours cpu s, system busy s)
+        self.samples: list[tuple[float, float, float]] = []  # type: ignore[assignment]  # (t, cpu s, busy s)
         self.memory: list[tuple[float, int, int]] = []  # (epoch, worker rss, worker pss)
         self.worker_pid: int | None = None
         self._cpu: dict[int, float] = {}
-        self._procs: dict[int, psutil.Process] = {}
         self._self = psutil.Process()
-        self._halt = threading.Event()
         self._next_memory = 0.0
         self._next_lookup = 0.0
-
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            root = self._procs.get(self.pid) or psutil.Process(self.pid)
-            self._procs[self.pid] = root
-            return [root, *(self._procs.setdefault(c.pid, c) for c in root.children(recursive=True))]
-        except psutil.Error:
-            return []
 
     def _lookup_worker(self) -> None:
         if not self.db.exists():
@@ -188,16 +176,6 @@ class Probe(threading.Thread):
             with contextlib.suppress(psutil.Error):
                 info = psutil.Process(self.worker_pid).memory_full_info()
                 self.memory.append((now, int(info.rss), int(getattr(info, "pss", 0))))
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.sample()
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(3)
 
     def _at(self, t: float) -> tuple[float, float, float] | None:
         return min(self.samples, key=lambda s: abs(s[0] - t), default=None)

@@ -2,7 +2,8 @@
 
 Each agent namespace is linked to `hc` by its own veth pair (10.231.N.1 on hc's side, 10.231.N.2 on the
 agent's), so cutting one link, or killing one agent, is what happens to a real remote host. Every process
-is the real CLI. Root only (skipped elsewhere); the namespaces are removed after each test.
+is the real CLI. Root and iproute2 (scripts/install-system) are required; the namespaces are removed
+after each test.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def lab() -> Iterator[netns.Lab]:
     """A fresh set of namespaces (hc plus what the test links to it), removed whatever happens."""
     reason = netns.unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"{reason}: scripts/install-system installs iproute2; the tests run as root")
     netns.clean_stale()
     lab = netns.Lab()
     lab.namespace("hc")

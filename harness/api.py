@@ -21,13 +21,13 @@ from types import TracebackType
 from typing import Any
 
 from harness.errors import UsageError
-from harness.store import Run, Store, default_db_path
+from harness.store import Run, Store, db_arg, db_exists, default_db_path, redact_db
 
 
 def _open_store(db: str | Path | None) -> Store:
-    path = Path(db) if db is not None else default_db_path()
-    if not path.is_file():
-        raise UsageError(f"no database at {path}: run `harness start` first, or pass db=")
+    path = db_arg(db) if db is not None else default_db_path()
+    if not db_exists(path):
+        raise UsageError(f"no database at {redact_db(path)}: run `harness start` first, or pass db=")
     store = Store(path)
     store.recover_aborted()
     return store
@@ -61,12 +61,12 @@ def open_run(run_id: str | None = None, db: str | Path | None = None) -> RunData
         if run_id is None:
             runs = store.list_runs(1)
             if not runs:
-                raise UsageError(f"no runs in {store.path}")
+                raise UsageError(f"no runs in {store.display}")
             run = runs[0]
         else:
             found = store.get_run(run_id)
             if found is None:
-                raise UsageError(f"no run matches {run_id!r} in {store.path} (see `harness runs`)")
+                raise UsageError(f"no run matches {run_id!r} in {store.display} (see `harness runs`)")
             run = found
     except BaseException:
         store.close()

@@ -324,12 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _db_value(text: str) -> str | Path:
+    from harness.store import db_arg
+
+    return db_arg(text)
+
+
 def _db_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
-        type=Path,
-        metavar="PATH",
-        help="SQLite database (default $HARNESS_DB, else ./harness-data/harness.db)",
+        type=_db_value,
+        metavar="PATH|URL",
+        help="SQLite database file, or a shared PostgreSQL database by URL "
+        "(postgresql://user:pass@host/db, needs harness[store-postgres]); "
+        "default $HARNESS_DB, else ./harness-data/harness.db",
     )
 
 
@@ -578,12 +586,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(db: Path | None) -> Store:
+def _open_store(db: str | Path | None) -> Store:
     """An existing database, with runs left by dead controllers marked aborted."""
-    from harness.store import Store, default_db_path
+    from harness.store import Store, db_exists, default_db_path, is_db_url
 
     path = db or default_db_path()
-    if not Path(path).exists():
+    if not (db_exists(path) if is_db_url(path) else Path(path).exists()):
         raise UsageError(f"no database at {path}: run `harness start` first or pass --db")
     store = Store(path)
     store.recover_aborted()

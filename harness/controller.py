@@ -53,7 +53,8 @@ ABORT_CHECK_EVERY = 2.0
 class RunOptions:
     """How to run a profile (from the CLI or the panel)."""
 
-    db_path: Path
+    db_path: str | Path
+    """A SQLite file, or a database URL (see harness.store)."""
     report_dir: Path | None = None
     view_mode: str = "quiet"
     """live | lines | quiet | none — the terminal view (none: not even the final summary)."""
@@ -126,7 +127,7 @@ def new_run_id() -> str:
 
 
 def start_targets(
-    loaded: LoadedProfile, db_path: Path | None = None
+    loaded: LoadedProfile, db_path: str | Path | None = None
 ) -> tuple[dict[str, str], list[EmbeddedTarget]]:
     """Start embedded targets and check external ones; TargetError names the one that failed.
 

@@ -1,16 +1,23 @@
-"""The SQLite store (SQLModel, WAL). The collector is its only writer during a run.
+"""The store (SQLModel): SQLite with WAL by default, or PostgreSQL by URL for a team's shared runs.
+The collector is its only writer during a run.
 
 Tables: `run`, `worker`, `window` (one row per second × group × name, with encoded histograms),
 `error` (deduplicated: message, count, first/last seen), `event` (the run's timeline), `datapoint`
 (free-form per-entity records), `metric` (counters and gauges per second), `health` (the harness's own
 CPU, loop lag and dropped iterations per worker per second), `log` (warnings and errors) and
 `baseline` (the run each profile's comparisons default to).
+
+`--db` / `$HARNESS_DB` is a file path (SQLite) or a SQLAlchemy URL: `postgresql://user:pass@host/db` or
+`postgresql+psycopg://…` (the `store-postgres` extra) or `sqlite:///path`. Raw SQL in harness is written
+to run on both; where the dialects differ (JSON, upsert functions, index hints) it asks the Store.
+A URL's password is a secret: `Store.display` and `redact_db` give the URL without it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -19,11 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import Column, Index, LargeBinary, event, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlmodel import Field, SQLModel, create_engine, select
 
+from harness.errors import UsageError
+
 SCHEMA_VERSION = 1
+
+_BIG = BigInteger().with_variant(Integer(), "sqlite")
+"""64-bit on PostgreSQL (INTEGER is 32-bit there); the same INTEGER as ever on SQLite."""
 
 
 class Run(SQLModel, table=True):
@@ -74,8 +87,8 @@ class Window(SQLModel, table=True):
     kind: str = "request"
     count: int = 0
     failures: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
+    bytes_sent: int = Field(default=0, sa_column=Column(_BIG, nullable=False, default=0))
+    bytes_received: int = Field(default=0, sa_column=Column(_BIG, nullable=False, default=0))
     hist: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     hist_intended: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
@@ -141,7 +154,7 @@ class Health(SQLModel, table=True):
     target: float = 0.0
     in_flight: int = 0
     cpu_percent: float = 0.0
-    rss_bytes: int = 0
+    rss_bytes: int = Field(default=0, sa_column=Column(_BIG, nullable=False, default=0))
     loop_lag_max_ms: float = 0.0
     loop_lag_mean_ms: float = 0.0
     schedule_lag_max_ms: float = 0.0
@@ -169,9 +182,86 @@ class Baseline(SQLModel, table=True):
     marked_at: float
 
 
-def default_db_path() -> Path:
-    """`$HARNESS_DB`, else ./harness-data/harness.db."""
-    return Path(os.environ.get("HARNESS_DB") or Path("harness-data") / "harness.db")
+DEFAULT_DATA_DIR = Path("harness-data")
+
+REMOTE_SILENCE_S = 600.0
+"""On a shared (server) database, a running run of another host is taken as aborted only after this long
+without a stored second: its controller's pid cannot be checked from here."""
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_db_url(db: str | Path) -> bool:
+    """True for a SQLAlchemy URL (`postgresql://…`, `sqlite:///…`), False for a file path."""
+    return isinstance(db, str) and bool(_URL_RE.match(db))
+
+
+def default_db_path() -> str | Path:
+    """`$HARNESS_DB` (a path or a database URL), else ./harness-data/harness.db."""
+    value = os.environ.get("HARNESS_DB")
+    if value and is_db_url(value):
+        return value
+    return Path(value or DEFAULT_DATA_DIR / "harness.db")
+
+
+def db_arg(value: str | Path) -> str | Path:
+    """A `--db` value as Store takes it: a URL stays a string, anything else is a Path."""
+    return value if is_db_url(value) else Path(value)
+
+
+def data_dir_of(db: str | Path) -> Path:
+    """Where run folders go by default: beside a SQLite file, else ./harness-data."""
+    if not is_db_url(db):
+        return Path(db).parent
+    if str(db).startswith("sqlite"):
+        return Path(make_url(str(db)).database or "harness.db").parent
+    return DEFAULT_DATA_DIR
+
+
+def redact_db(db: str | Path) -> str:
+    """A path as it is; a URL with its password replaced by `***` (for logs, errors and reports)."""
+    if not is_db_url(db):
+        return str(db)
+    try:
+        return make_url(str(db)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", str(db))
+
+
+def db_exists(db: str | Path) -> bool:
+    """Whether a SQLite file is there (a server database is taken to exist: connecting tells)."""
+    if not is_db_url(db):
+        return Path(db).is_file()
+    url = str(db)
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        return not database or database == ":memory:" or Path(database).is_file()
+    return True
+
+
+def _engine_url(db: str) -> Any:
+    """The SQLAlchemy URL of `db`, with `postgresql://` meaning psycopg 3; UsageError in one line."""
+    try:
+        url = make_url(db)
+    except ArgumentError:
+        raise UsageError(f"--db: not a database URL: {redact_db(db)}") from None
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        if url.get_driver_name() == "psycopg":
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise UsageError(
+                    "--db: a postgresql URL needs the Python package 'psycopg': "
+                    "pip install 'harness[store-postgres]'"
+                ) from None
+    elif backend != "sqlite":
+        raise UsageError(
+            f"--db: unsupported database {backend!r} (use a file path, sqlite:// or postgresql://)"
+        )
+    return url
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -187,17 +277,88 @@ class Store:
     """Opens the database and offers the writes and queries the rest of harness needs."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(
-            f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 10}
-        )
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.url: str | None = None
+        """The database URL when one was given (holds the password: never print it; see `display`)."""
+        if is_db_url(path):
+            url = _engine_url(str(path))
+            self.url = str(path)
+            if url.get_backend_name() == "sqlite":
+                path = Path(url.database or "harness.db")
+        if self.url is None or isinstance(path, Path):
+            self.path = Path(path)
+            """The SQLite file; for a server database, a place for the reports (./harness-data/harness.db)."""
+            self.dialect = "sqlite"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 10}
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.path = DEFAULT_DATA_DIR / "harness.db"
+            self.dialect = "postgresql"
+            self.engine = create_engine(
+                url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800, hide_parameters=True
+            )
+        if self.dialect == "sqlite":
+            self._create_schema()
+            return
+        try:
+            self._create_schema()
+        except DBAPIError as exc:
+            self.engine.dispose()
+            raise UsageError(f"--db: cannot use {self.display}: {self._scrub(exc.orig)}") from None
+
+    def _create_schema(self) -> None:
         SQLModel.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             # indexes added after a database was created (create_all makes only missing tables)
             conn.execute(text("CREATE INDEX IF NOT EXISTS ix_datapoint_run_t ON datapoint (run_id, t)"))
-            conn.execute(text(f"PRAGMA user_version={SCHEMA_VERSION}"))
+            if self.dialect == "sqlite":
+                conn.execute(text(f"PRAGMA user_version={SCHEMA_VERSION}"))
+            # PostgreSQL: no user_version; the schema is the models' (create_all), as on SQLite
+
+    def _scrub(self, error: BaseException | None) -> str:
+        """The first line of a driver error, with the URL's password (should it appear) masked."""
+        lines = str(error or "").strip().splitlines()
+        message = lines[0] if lines else type(error).__name__
+        password = make_url(self.url).password if self.url else None
+        return message.replace(str(password), "***") if password else message
+
+    @property
+    def display(self) -> str:
+        """Where the data is, fit to print: the file path, or the URL without its password."""
+        return redact_db(self.url) if self.url is not None else str(self.path)
+
+    @property
+    def data_dir(self) -> Path:
+        """Where run folders (reports) go by default: beside the SQLite file, else ./harness-data."""
+        return self.path.parent
+
+    # -- dialect-specific SQL fragments ----------------------------------------------------
+    def json_value(self, column: str, key: str) -> str:
+        """SQL for the value of top-level `key` of a JSON text column (NULL when absent or null)."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"not a plain JSON key: {key!r}")
+        if self.dialect == "postgresql":
+            return f"(CAST({column} AS jsonb) ->> '{key}')"
+        return f"json_extract({column}, '$.{key}')"
+
+    def json_number(self, column: str, key: str) -> str:
+        """SQL for the number at top-level `key` of a JSON text column (NULL when absent or null)."""
+        if self.dialect == "postgresql":
+            return f"CAST({self.json_value(column, key)} AS double precision)"
+        return f"CAST({self.json_value(column, key)} AS REAL)"
+
+    def ids_in(self, param: str) -> str:
+        """SQL for the ids in the JSON array bound to `:param` (any number, no bound-variable limit)."""
+        if self.dialect == "postgresql":
+            return f"SELECT CAST(value AS bigint) FROM jsonb_array_elements_text(CAST(:{param} AS jsonb))"
+        return f"SELECT value FROM json_each(:{param})"
+
+    @property
+    def not_indexed(self) -> str:
+        """SQLite's `NOT INDEXED` table hint (nothing elsewhere)."""
+        return " NOT INDEXED" if self.dialect == "sqlite" else ""
 
     def close(self) -> None:
         """Release connections."""
@@ -246,6 +407,8 @@ class Store:
         for run in self.list_runs(limit=1000):
             if run.status != "running":
                 continue
+            if self.dialect != "sqlite" and run.host and run.host != host and not self._silent(run):
+                continue  # a shared database: another machine's controller, heard from recently
             alive = (
                 run.host == host
                 and psutil.pid_exists(run.controller_pid)
@@ -267,10 +430,19 @@ class Store:
             recovered.append(run.id)
         return recovered
 
+    def _silent(self, run: Run) -> bool:
+        """Whether a run has written nothing (health rows come every second) for REMOTE_SILENCE_S."""
+        with self.engine.connect() as conn:
+            last = conn.execute(text("SELECT MAX(t) FROM health WHERE run_id=:r"), {"r": run.id}).scalar()
+        newest = max(float(last or 0.0), self.last_activity(run.id) or 0.0, run.started_at)
+        return time.time() - newest > REMOTE_SILENCE_S
+
     def last_activity(self, run_id: str) -> float | None:
         """The time of the last stored second or event of a run."""
         with self.engine.connect() as conn:
-            t_window = conn.execute(text("SELECT MAX(t) FROM window WHERE run_id=:r"), {"r": run_id}).scalar()
+            t_window = conn.execute(
+                text('SELECT MAX(t) FROM "window" WHERE run_id=:r'), {"r": run_id}
+            ).scalar()
             t_event = conn.execute(text("SELECT MAX(t) FROM event WHERE run_id=:r"), {"r": run_id}).scalar()
         values = [float(v) + (1.0 if v is t_window else 0.0) for v in (t_window, t_event) if v is not None]
         return max(values) if values else None
@@ -310,6 +482,14 @@ class Store:
         logs: list[dict[str, Any]],
     ) -> None:
         """Write one second of everything in one transaction."""
+        greatest, least = ("GREATEST", "LEAST") if self.dialect == "postgresql" else ("MAX", "MIN")
+        if self.dialect == "postgresql":  # its text cannot hold NUL characters: one would fail the second
+            windows, errors, metrics, health, logs = map(_no_nul, (windows, errors, metrics, health, logs))
+            datapoints = [
+                {**d, "group": _no_nul_text(d["group"]), "entity": _no_nul_text(d["entity"])}
+                for d in datapoints
+            ]
+        dumps = finite_json if self.dialect == "postgresql" else json.dumps
         with self.transaction() as conn:
             if windows:
                 conn.execute(Window.__table__.insert(), [{"run_id": run_id, **w} for w in windows])  # type: ignore[attr-defined]
@@ -319,8 +499,9 @@ class Store:
                         'INSERT INTO error (run_id, "group", name, message, count, first_seen, last_seen) '
                         "VALUES (:run_id, :group, :name, :message, :count, :t, :t) "
                         'ON CONFLICT (run_id, "group", name, message) DO UPDATE SET '
-                        "count = count + excluded.count, last_seen = MAX(last_seen, excluded.last_seen), "
-                        "first_seen = MIN(first_seen, excluded.first_seen)"
+                        f"count = error.count + excluded.count, "
+                        f"last_seen = {greatest}(error.last_seen, excluded.last_seen), "
+                        f"first_seen = {least}(error.first_seen, excluded.first_seen)"
                     ),
                     {"run_id": run_id, **err},
                 )
@@ -335,7 +516,7 @@ class Store:
                             "t": d["t"],
                             "group": d["group"],
                             "entity": str(d["entity"]),
-                            "values_json": json.dumps(d["values"], default=str),
+                            "values_json": dumps(d["values"], default=str),
                         }
                         for d in datapoints
                     ],
@@ -406,7 +587,7 @@ class Store:
         """Every stored window of a run (optionally within [since, until))."""
         sql = (
             'SELECT t, "group", name, kind, count, failures, bytes_sent, bytes_received, hist, hist_intended '
-            "FROM window WHERE run_id=:r"
+            'FROM "window" WHERE run_id=:r'
         )
         params: dict[str, Any] = {"r": run_id}
         if since is not None:
@@ -444,6 +625,24 @@ class Store:
             r=run_id,
         )[0]
         return {k: (v if v is not None else 0) for k, v in row.items()}
+
+
+def finite_json(value: Any, **kwargs: Any) -> str:
+    """`json.dumps`, with NaN and ±Infinity written as null: PostgreSQL's jsonb (which the panel's JSON
+    queries cast to there) refuses them, where SQLite's JSON5 reads them."""
+    out = json.dumps(value, **kwargs)
+    if "NaN" in out or "Infinity" in out:
+        out = json.dumps(json.loads(out, parse_constant=lambda _name: None), **kwargs)
+    return out
+
+
+def _no_nul_text(value: Any) -> Any:
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _no_nul(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with NUL characters in their strings replaced (PostgreSQL's text refuses them)."""
+    return [{k: _no_nul_text(v) for k, v in row.items()} for row in rows]
 
 
 def _same_controller(run: Run) -> bool:

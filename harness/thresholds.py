@@ -510,9 +510,12 @@ class ThresholdEvaluator:
             cols = f'id, t, "group", name, kind, count, failures, {hist}'
             if self._last_id["window"]:
                 # the rowid range: only rows written since the last call (of any run), then this run's
-                sql = f"SELECT {cols} FROM window NOT INDEXED WHERE id > :last AND run_id = :r ORDER BY id"
+                sql = (
+                    f'SELECT {cols} FROM "window"{self.store.not_indexed} WHERE id > :last AND run_id = :r '
+                    "ORDER BY id"
+                )
             else:
-                sql = f"SELECT {cols} FROM window WHERE run_id = :r AND id > :last ORDER BY id"
+                sql = f'SELECT {cols} FROM "window" WHERE run_id = :r AND id > :last ORDER BY id'
             self._fold("window", sql, cutoff)
         if self._need_metrics:
             sql = (
@@ -563,7 +566,7 @@ class ThresholdEvaluator:
         params: dict[str, Any] = {"r": self.run_id, "lo": lo, "hi": hi if hi is not None else 2**62}
         if table == "window":
             sql = (
-                'SELECT t, "group", name, kind, count, failures, hist FROM window '
+                'SELECT t, "group", name, kind, count, failures, hist FROM "window" '
                 "WHERE run_id = :r AND t >= :lo AND t <= :hi"
             )
             return self.store.rows(sql, **params)

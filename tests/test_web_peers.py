@@ -71,9 +71,13 @@ def app(tmp_path: Path) -> Iterator[Flask]:
 
 @pytest.fixture
 def store(app: Flask) -> Store:
-    """The panel's store with three runs: `peers` (two groups of peers and one other data point),
-    `plain` (only another family's data points) and `none` (no data points)."""
-    store: Store = app.extensions["harness_store"]
+    """The panel's store with three runs (see `fill_store`)."""
+    return fill_store(app.extensions["harness_store"])
+
+
+def fill_store(store: Store) -> Store:
+    """Three runs: `peers` (two groups of peers and one other data point), `plain` (only another
+    family's data points) and `none` (no data points). Also used by test_store_postgres."""
     for run_id in ("peers", "plain", "none"):
         store.create_run(Run(id=run_id, profile="p", started_at=T0, status="passed"))
     browser_values = peer_values(100, "browser", memoryMB=512.5, webrtc={"rttMs": 12.0, "bytesSent": 9})

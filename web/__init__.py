@@ -15,14 +15,13 @@ import logging
 import os
 import secrets
 import socket
-from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
-from harness.store import Store, default_db_path
+from harness.store import Store, db_arg, default_db_path
 from web.extensions import socketio
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,8 @@ MAX_PROFILE_BYTES = 64 * 1024
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Create the panel app.
 
-    Config keys: HARNESS_DB (database path; default `$HARNESS_DB`, else ./harness-data/harness.db),
+    Config keys: HARNESS_DB (database path or URL, see harness.store; default `$HARNESS_DB`, else
+    ./harness-data/harness.db),
     TOKEN (None: no authentication; required on a non-loopback address; default `$HARNESS_TOKEN`),
     HOST (the address it will be bound to, checked with `security.check_bind` when given),
     MAX_PROFILE_BYTES (64 KiB), SECRET_KEY (random per process unless given or `$HARNESS_SECRET_KEY`),
@@ -70,7 +70,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     socketio.init_app(app, **options)
     server = socketio.server
 
-    db_path = Path(app.config["HARNESS_DB"])
+    db_path = db_arg(str(app.config["HARNESS_DB"]))
     store = Store(db_path)
     for run_id in store.recover_aborted():
         log.warning("run %s was left running by a controller that died: marked aborted", run_id)

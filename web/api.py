@@ -677,7 +677,7 @@ def peers(run_id: str) -> Response:
     latest = store.rows(
         'SELECT d.id, d.t, d."group", d.entity FROM datapoint d JOIN (SELECT MAX(id) AS id FROM datapoint '
         'WHERE run_id=:r AND t >= :tmin GROUP BY "group", entity) m ON d.id = m.id '
-        "WHERE json_extract(d.values_json, '$.sentTotal') IS NOT NULL "
+        f"WHERE {store.json_value('d.values_json', 'sentTotal')} IS NOT NULL "
         'ORDER BY d."group", d.entity',
         r=run.id,
         tmin=started + (since or 0.0) if since is not None else float("-inf"),
@@ -692,7 +692,7 @@ def peers(run_id: str) -> Response:
         values = {
             r["id"]: r["values_json"]
             for r in store.rows(
-                "SELECT id, values_json FROM datapoint WHERE id IN (SELECT value FROM json_each(:ids))",
+                f"SELECT id, values_json FROM datapoint WHERE id IN ({store.ids_in('ids')})",
                 ids=json.dumps([r["id"] for r in shown]),
             )
         }
@@ -704,14 +704,12 @@ def peers(run_id: str) -> Response:
     first = max(0, last_bucket - limit + 1)
     if since is not None:
         first = max(first, int(since // bucket))
-    columns = ", ".join(
-        f"COALESCE(CAST(json_extract(values_json, '$.{key}') AS REAL), 0.0)" for key in PEER_RATES
-    )
+    columns = ", ".join(f"COALESCE({store.json_number('values_json', key)}, 0.0)" for key in PEER_RATES)
     with store.engine.connect() as conn:  # plain tuples: up to peers × buckets rows
         rows = conn.execute(
             text(
                 f'SELECT t, "group", entity, {columns} FROM datapoint WHERE run_id=:r AND t >= :start '
-                "AND json_extract(values_json, '$.sentTotal') IS NOT NULL ORDER BY t, id"
+                f"AND {store.json_value('values_json', 'sentTotal')} IS NOT NULL ORDER BY t, id"
             ),
             {"r": run.id, "start": started + first * bucket - PEER_HOLD_S},
         ).all()

@@ -22,6 +22,7 @@ from typing import Any
 from harness.controller import RunController, RunOptions
 from harness.errors import EXIT_ABORTED, HarnessError, UsageError
 from harness.profile import LoadedProfile
+from harness.store import data_dir_of, db_arg
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ class RunManager:
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: str | Path,
         emit: Callable[..., Any],
         start_task: Callable[..., Any],
         log_level: int = logging.INFO,
         agent_hub: Any = None,
     ) -> None:
-        self.db_path = Path(db_path)
+        self.db_path = db_arg(db_path)
         self.agent_hub = agent_hub
         """The app's agents hub (`web.agents.AgentHub`), for runs of profiles with `agents:`."""
         self._emit = emit
@@ -158,7 +159,7 @@ class RunManager:
                 db_path=self.db_path, view_mode=view_mode, log_level=self.log_level, agent_hub=self.agent_hub
             )
             controller = RunController(loaded, options)
-            options.report_dir = report_dir or self.db_path.parent / "runs" / controller.run_id
+            options.report_dir = report_dir or data_dir_of(self.db_path) / "runs" / controller.run_id
             record = RunRecord(controller, who)
             controller.add_listener(lambda tick: record.inbox.put(_frozen(tick)))
             self._records[record.run_id] = record

@@ -326,7 +326,7 @@ def failures_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
     run = resolve_run(store, run_id)
     kinds = {
         (r["group"], r["name"]): r["kind"]
-        for r in store.rows('SELECT DISTINCT "group", name, kind FROM window WHERE run_id=:r', r=run.id)
+        for r in store.rows('SELECT DISTINCT "group", name, kind FROM "window" WHERE run_id=:r', r=run.id)
     }
     return [
         {

@@ -62,7 +62,7 @@ def render_html(
     """
     run = store.get_run(run_id)
     if run is None:
-        raise KeyError(f"no run {run_id!r} in {store.path}")
+        raise KeyError(f"no run {run_id!r} in {store.display}")
     if summary is None:
         summary = json.loads(run.summary_json) if run.summary_json else summarize(store, run)
     profile = redact(json.loads(run.profile_json or "{}"))
@@ -155,7 +155,7 @@ def _data(store: Store, run: Run, summary: dict[str, Any], timeline: dict[str, A
     by_name = per_second(store, run.id, window=window, by="name")
     failures: dict[tuple[int, str, str], int] = defaultdict(int)
     for r in store.rows(
-        'SELECT t, "group", name, SUM(failures) AS failures FROM window WHERE run_id=:r '
+        'SELECT t, "group", name, SUM(failures) AS failures FROM "window" WHERE run_id=:r '
         'GROUP BY t, "group", name',
         r=run.id,
     ):

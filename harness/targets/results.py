@@ -28,12 +28,13 @@ Every answer carries `Access-Control-Allow-Origin: *` and preflights are answere
 
 Backends (`ResultsBackend`):
 
-- `StoreBackend`: a test is a run in the harness SQLite database. A test made through this API is a run
-  of profile `results-server` (status `created` until started, `running` while ongoing, `passed` when
-  finished); its metrics are data points of the backend's group (entity = peer id), its results and
-  topology data points of the groups `results` and `topology`. Any other run (one a harness run made) is
-  a test too: started at its `started_at`, finished at its `ended_at`; it takes data points while it
-  runs, but the API cannot create, start or finish it (400 `{"status": "test-managed-by-harness"}`).
+- `StoreBackend`: a test is a run in the harness database (SQLite, or PostgreSQL by URL). A test made
+  through this API is a run of profile `results-server` (status `created` until started, `running` while
+  ongoing, `passed` when finished); its metrics are data points of the backend's group (entity = peer id),
+  its results and topology data points of the groups `results` and `topology`. Any other run (one a
+  harness run made) is a test too: started at its `started_at`, finished at its `ended_at`; it takes data
+  points while it runs, but the API cannot create, start or finish it (400 `{"status": "test-managed-by-
+  harness"}`).
 - `RunBackend`: one test in memory, the current harness run of a browser worker, with callbacks.
 
 `influx_lines` and `InfluxWriter` export metrics as the original did: InfluxDB line protocol, POSTed to
@@ -71,7 +72,7 @@ from aiohttp.typedefs import Handler
 from pydantic import Field, field_validator
 
 from harness.distributions import Distribution
-from harness.store import Run, Store, default_db_path
+from harness.store import Run, Store, default_db_path, finite_json
 from harness.targets.service import ServiceModel, ServiceModelConfig, instrument
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class _Test:
 
     __slots__ = ("finished", "id", "managed", "started")
 
-    def __init__(self, row: sqlite3.Row) -> None:
+    def __init__(self, row: Mapping[str, Any]) -> None:
         self.id: str = row["id"]
         self.managed = row["profile"] != PROFILE
         status = row["status"]
@@ -228,12 +229,46 @@ def _loads_stored(text: str) -> Any:
     return json.loads(text or "null", parse_constant=lambda _name: None)
 
 
+class _PgConnection:
+    """A psycopg connection seen through the slice of sqlite3's API StoreBackend uses (`?` placeholders)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self._conn.info.transaction_status != TransactionStatus.IDLE)
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), tuple(params))
+
+    def rows(self, sql: str, params: Iterable[Any]) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+
+        with self._conn.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(sql.replace("?", "%s"), tuple(params))
+            return list(cursor.fetchall())
+
+    def commit(self) -> None:
+        self._conn.commit()
+
+    def rollback(self) -> None:
+        self._conn.rollback()
+
+
+_Connection = Any
+"""A sqlite3.Connection, or a `_PgConnection` on a PostgreSQL store."""
+
+
 class StoreBackend(ResultsBackend):
-    """Tests are runs in the harness SQLite database (see the module's docstring).
+    """Tests are runs in the harness database (see the module's docstring).
 
     Every database call runs on one worker thread, in a short transaction of its own; those that write
-    take the write lock first (`BEGIN IMMEDIATE`), so that a harness collector writing the same database
-    makes them wait (the store's busy timeout) rather than fail.
+    take the write lock first (SQLite: `BEGIN IMMEDIATE`, so that a harness collector writing the same
+    database makes them wait, the store's busy timeout, rather than fail; PostgreSQL: a transaction-level
+    advisory lock, so that two backends serving one database never create or finish a test at once).
     """
 
     def __init__(
@@ -256,20 +291,26 @@ class StoreBackend(ResultsBackend):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self) -> Iterator[_Connection]:
         raw = self.store.engine.raw_connection()
         try:
-            yield cast(sqlite3.Connection, raw.driver_connection)
+            if self.store.dialect == "postgresql":
+                yield _PgConnection(raw.driver_connection)
+            else:
+                yield cast(sqlite3.Connection, raw.driver_connection)
         finally:
             raw.close()
 
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self) -> Iterator[_Connection]:
         """One short write transaction that holds the write lock from its start."""
         with self._connection() as conn:
             if conn.in_transaction:
                 conn.rollback()
-            conn.execute("BEGIN IMMEDIATE")
+            if isinstance(conn, _PgConnection):
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('harness-results-target'))")
+            else:
+                conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -278,7 +319,9 @@ class StoreBackend(ResultsBackend):
             conn.commit()
 
     @staticmethod
-    def _rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+    def _rows(conn: _Connection, sql: str, params: Iterable[Any]) -> list[Any]:
+        if isinstance(conn, _PgConnection):
+            return conn.rows(sql, params)
         cursor = conn.cursor()
         cursor.row_factory = sqlite3.Row  # on the cursor: the pooled connection stays as SQLAlchemy wants it
         try:
@@ -287,7 +330,7 @@ class StoreBackend(ResultsBackend):
             cursor.close()
 
     @classmethod
-    def _find(cls, conn: sqlite3.Connection, test_id: str) -> _Test | None:
+    def _find(cls, conn: _Connection, test_id: str) -> _Test | None:
         rows = cls._rows(
             conn, "SELECT id, profile, status, started_at, ended_at FROM run WHERE id = ?", (test_id,)
         )
@@ -296,14 +339,20 @@ class StoreBackend(ResultsBackend):
 
     @staticmethod
     def _insert_point(
-        conn: sqlite3.Connection, test_id: str, t: float, group: str, entity: str, values: Any
+        conn: _Connection, test_id: str, t: float, group: str, entity: str, values: Any
     ) -> None:
         conn.execute(
             'INSERT INTO datapoint (run_id, t, "group", entity, values_json) VALUES (?, ?, ?, ?, ?)',
-            (test_id, t, group, entity, json.dumps(values)),
+            (
+                test_id,
+                t,
+                group,
+                entity,
+                finite_json(values) if isinstance(conn, _PgConnection) else json.dumps(values),
+            ),
         )
 
-    def _ongoing(self, conn: sqlite3.Connection, test_id: str) -> _Test:
+    def _ongoing(self, conn: _Connection, test_id: str) -> _Test:
         test = self._find(conn, test_id)
         if test is None:
             raise not_found()
@@ -986,8 +1035,8 @@ class ResultsConfig(ServiceModelConfig):
     """Seeds the service-time and error sampling; none means random."""
 
     db: str | None = None
-    """The harness database the tests live in; none means harness's default (`$HARNESS_DB`, else
-    ./harness-data/harness.db)."""
+    """The harness database the tests live in (a file or a postgresql:// URL); none means harness's
+    default (`$HARNESS_DB`, else ./harness-data/harness.db)."""
 
     group: str = "peers"
     """The data point group of the metrics (the simulator group of the peers of a harness run)."""

@@ -309,8 +309,12 @@ class Store:
             raise UsageError(f"--db: cannot use {self.display}: {self._scrub(exc.orig)}") from None
 
     def _create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # processes starting together on a new database (a team's panels, controllers) would
+                # race in CREATE TABLE IF NOT EXISTS ("duplicate key ... pg_type"): one at a time
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('harness-store:schema'))"))
+            SQLModel.metadata.create_all(conn)
             # indexes added after a database was created (create_all makes only missing tables)
             conn.execute(text("CREATE INDEX IF NOT EXISTS ix_datapoint_run_t ON datapoint (run_id, t)"))
             if self.dialect == "sqlite":
@@ -422,7 +426,7 @@ class Store:
                 status="aborted",
                 ended_at=ended,
                 exit_code=3,
-                reason="controller died; recovered on next start",
+                reason="controller died (found by a later start or panel)",
             )
             self.add_events(
                 run.id, [{"t": time.time(), "type": "recovered_aborted", "detail": {"last_data": ended}}]

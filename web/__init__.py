@@ -5,7 +5,8 @@ Serve it with `harness serve` (or the panel of `harness start`), or in productio
     gunicorn --worker-class gthread -w 1 --threads 100 -b 127.0.0.1:8089 'web:create_app()'
 
 Configuration comes from `create_app(config)`, else from the environment: HARNESS_DB, HARNESS_TOKEN,
-HARNESS_SECRET_KEY and HARNESS_MESSAGE_QUEUE (a Redis URL when more than one server process emits).
+HARNESS_SECRET_KEY and HARNESS_MESSAGE_QUEUE (a Redis URL when more than one server process serves the
+panel: every process then shows and controls every process's active run, see `web.cluster`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     MESSAGE_QUEUE (a Redis URL for a multi-process deployment; default `$HARNESS_MESSAGE_QUEUE`).
     """
     from web import agents, api, events, ui  # noqa: F401  (events, agents register Socket.IO handlers)
-    from web.runs import RunManager
+    from web.cluster import Cluster, cluster_url
+    from web.runs import KEEP_TICKS, RunManager
     from web.security import check_bind
 
     app = Flask(__name__, static_folder=None)
@@ -81,7 +83,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     hub = agents.AgentHub(server)
     app.extensions["harness_agents"] = hub
-    manager = RunManager(db_path, emit, socketio.start_background_task, agent_hub=hub)
+    url = cluster_url(app.config["MESSAGE_QUEUE"])
+    cluster = Cluster(url, keep_ticks=KEEP_TICKS) if url else None
+    manager = RunManager(db_path, emit, socketio.start_background_task, agent_hub=hub, cluster=cluster)
     app.extensions["harness_runs"] = manager
     # a server that exits (gunicorn's SIGTERM, Ctrl-C) stops its run gracefully rather than leaving
     # worker processes behind and the run marked aborted only on the next start

@@ -25,8 +25,9 @@ from harness.profile import LoadedProfile, builtin_profiles, load_profile_text
 from harness.report import per_second, summarize
 from harness.report.html import redact
 from harness.store import Run, Store
+from web.cluster import OwnerUnavailable
 from web.extensions import get_runs, get_store
-from web.runs import RunConflict, RunNotFound, RunRecord
+from web.runs import RunConflict, RunManager, RunNotFound, RunRecord
 from web.security import (
     STATE_CHANGING,
     bearer_token,
@@ -91,6 +92,11 @@ def _not_found(exc: RunNotFound) -> tuple[Response, int]:
 @bp.errorhandler(RunConflict)
 def _conflict(exc: RunConflict) -> tuple[Response, int]:
     return _error(409, str(exc))
+
+
+@bp.errorhandler(OwnerUnavailable)
+def _owner_unavailable(exc: OwnerUnavailable) -> tuple[Response, int]:
+    return _error(503, str(exc))
 
 
 @bp.errorhandler(UsageError)
@@ -281,16 +287,18 @@ def start_run() -> tuple[Response, int]:
     return jsonify(run_id=run_id), 201
 
 
-def _run_row(run: Run, record: RunRecord | None, baselines: dict[str, str]) -> dict[str, Any]:
+def _run_row(run: Run, manager: RunManager, baselines: dict[str, str]) -> dict[str, Any]:
+    """A stored run; `active` and `status` from whichever panel process runs it."""
     summary: dict[str, Any] = json.loads(run.summary_json) if run.summary_json else {}
     totals = summary.get("totals") or {}
-    active = record is not None and record.active
+    live_status = manager.status_of(run.id)
+    active = live_status is not None
     ended = run.ended_at
     return {
         "id": run.id,
         "profile": run.profile,
         "description": run.description,
-        "status": record.controller.status if record is not None and active else run.status,
+        "status": live_status or run.status,
         "started_at": run.started_at,
         "ended_at": ended,
         "duration_s": round((ended or time.time()) - run.started_at, 3),
@@ -338,10 +346,16 @@ def list_runs() -> Response:
     limit = _int_arg("limit", 200, 1, 10000)
     store, manager = get_store(), get_runs()
     rows = store.list_runs(limit)
+    # a run no process here answers for: its controller may have died (another panel process, a
+    # headless `harness start`); the store knows when that can be concluded
+    stale = any(r.status == "running" and manager.status_of(r.id) is None for r in rows)
+    if stale and manager.recover_stale(store):
+        rows = store.list_runs(limit)
     baselines = store.baselines()
-    out = [_run_row(r, manager.get(r.id), baselines) for r in rows]
+    out = [_run_row(r, manager, baselines) for r in rows]
     known = {r.id for r in rows}
     extra = [_memory_row(rec) for rec in manager.records() if rec.run_id not in known]
+    extra += [_remote_row(k, v) for k, v in manager.remote_runs().items() if k not in known]
     if extra and len(rows) == limit:
         oldest = rows[-1].started_at
         extra = [e for e in extra if e["started_at"] >= oldest]
@@ -349,14 +363,38 @@ def list_runs() -> Response:
     return jsonify(runs=out)
 
 
+def _remote_row(run_id: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Another panel process's active run that has no database row yet."""
+    return {
+        "id": run_id,
+        "profile": state.get("profile"),
+        "description": state.get("description", ""),
+        "status": state.get("status"),
+        "started_at": state.get("started_at") or 0.0,
+        "ended_at": None,
+        "duration_s": 0.0,
+        "planned_duration_s": state.get("planned_duration_s"),
+        "requests": None,
+        "failures": None,
+        "error_rate": None,
+        "rps": None,
+        "p95_ms": None,
+        "exit_code": None,
+        "reason": "",
+        "baseline": False,
+        "active": True,
+    }
+
+
 def _find_run(run_id: str) -> tuple[Run | None, RunRecord | None]:
-    """The stored run and this panel's record of it; 404 when neither exists."""
+    """The stored run and this panel's record of it; 404 when neither exists (nor is another
+    panel process running it)."""
     manager = get_runs()
     record = manager.get(run_id)
     run = get_store().get_run(run_id)
     if run is not None and record is None:
         record = manager.get(run.id)
-    if run is None and record is None:
+    if run is None and record is None and manager.remote(run_id) is None:
         raise ApiError(404, f"no run {run_id!r}")
     return run, record
 
@@ -394,17 +432,20 @@ def get_run(run_id: str) -> Response:
     run, record = _find_run(run_id)
     manager = get_runs()
     if run is None:
-        assert record is not None
-        row = _memory_row(record)
+        if record is not None:
+            row, raw = _memory_row(record), record.controller.loaded.raw
+        else:  # another panel process's run, not stored yet
+            state = manager.remote(run_id) or {}
+            row, raw = _remote_row(run_id, state), state.get("raw") or {}
         return jsonify(
             run=row,
             summary=None,
-            live=manager.live(record.run_id),
-            groups=manager.groups(record.run_id),
-            profile=redact(record.controller.loaded.raw),
+            live=manager.live(row["id"]),
+            groups=manager.groups(row["id"]),
+            profile=redact(raw),
         )
     store = get_store()
-    row = _run_row(run, record, store.baselines())
+    row = _run_row(run, manager, store.baselines())
     summary = None if row["active"] else _summary(store, run)
     return jsonify(
         run=row,
@@ -418,11 +459,12 @@ def get_run(run_id: str) -> Response:
 @bp.post("/runs/<run_id>/stop")
 def stop_run(run_id: str) -> tuple[Response, int]:
     """Stop an active run gracefully (again: at once) → 202."""
-    _run, record = _find_run(run_id)
-    rid = record.run_id if record is not None else run_id
-    if record is None or not record.active:
-        raise ApiError(409, f"run {rid} is not active here")
-    get_runs().stop(rid, _who())
+    run, record = _find_run(run_id)
+    rid = record.run_id if record is not None else run.id if run is not None else run_id
+    manager = get_runs()
+    if manager.status_of(rid) is None:
+        raise ApiError(409, f"run {rid} is not active")
+    manager.stop(rid, _who())
     return jsonify(run_id=rid, status="stopping"), 202
 
 
@@ -444,20 +486,20 @@ def _scale_value(body: dict[str, Any]) -> tuple[str, float | None]:
 @bp.post("/runs/<run_id>/groups/<group>")
 def scale_group(run_id: str, group: str) -> tuple[Response, int]:
     """Hold a group at `{users: n}` or `{rate: n}` (null: follow its shape again) → 202."""
-    _run, record = _find_run(run_id)
-    if record is None or not record.active:
-        raise ApiError(409, f"run {run_id} is not active here")
+    run, record = _find_run(run_id)
+    rid = record.run_id if record is not None else run.id if run is not None else run_id
+    manager = get_runs()
+    modes = manager.group_modes(rid)
+    if modes is None:
+        raise ApiError(409, f"run {rid} is not active")
     key, value = _scale_value(_body())
-    groups = record.controller.loaded.profile.groups
-    if group not in groups:
-        raise ApiError(400, f"no group {group!r} in this run (groups: {', '.join(groups)})", "group")
-    expected = "users" if groups[group].mode == "closed" else "rate"
+    if group not in modes:
+        raise ApiError(400, f"no group {group!r} in this run (groups: {', '.join(modes)})", "group")
+    expected = "users" if modes[group] == "closed" else "rate"
     if key != expected:
-        raise ApiError(
-            400, f"group {group!r} uses the {groups[group].mode} model: set {expected}, not {key}", key
-        )
-    get_runs().scale(record.run_id, group, value, _who())
-    return jsonify(run_id=record.run_id, group=group, **{key: value}), 202
+        raise ApiError(400, f"group {group!r} uses the {modes[group]} model: set {expected}, not {key}", key)
+    manager.scale(rid, group, value, _who())
+    return jsonify(run_id=rid, group=group, **{key: value}), 202
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

@@ -44,9 +44,8 @@ def on_join(data: Any) -> None:
     manager = get_runs()
     ticks = manager.join(run_id, lambda: join_room(f"run:{run_id}"))
     record = manager.get(run_id)
-    if record is not None:
-        status: str | None = record.controller.status
-    else:
+    status = record.controller.status if record is not None else manager.status_of(run_id)
+    if status is None:
         row = get_store().get_run(run_id)
         status = row.status if row is not None and row.id == run_id else None
     emit("joined", {"run_id": run_id, "status": status, "ticks": ticks})

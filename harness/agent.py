@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
@@ -481,6 +482,21 @@ class Agent:
             self.outbox.ack(int(data.get("seq", 0)))
 
     # -- workers -----------------------------------------------------------------------------
+    def _reach(self, targets: dict[str, str], beside_controller: Any) -> dict[str, str]:
+        """Target URLs as this agent reaches them: an embedded target runs beside the controller, on the
+        address the controller serves the hub on, so its host becomes the controller's as this agent
+        knows it (from `--controller`); the port stays."""
+        host = urlsplit(self.url).hostname
+        if not host or not isinstance(beside_controller, list):
+            return targets
+        shown = f"[{host}]" if ":" in host else host
+        for name in beside_controller:
+            url = targets.get(str(name))
+            if url:
+                parts = urlsplit(url)
+                targets[str(name)] = urlunsplit(parts._replace(netloc=f"{shown}:{parts.port}"))
+        return targets
+
     def _on_launch(self, data: dict[str, Any]) -> None:
         from harness.worker import WorkerSpec, worker_main
 
@@ -490,6 +506,7 @@ class Agent:
             run_dir = self.work_dir / "runs" / run_id
             run_dir.mkdir(parents=True, exist_ok=True)
             fields["run_dir"] = str(run_dir)
+            fields["targets"] = self._reach(dict(fields.get("targets") or {}), data.get("controller_targets"))
             spec = WorkerSpec(**fields)
             parent, child = self._ctx.Pipe(duplex=True)
             process = self._ctx.Process(

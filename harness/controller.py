@@ -127,12 +127,13 @@ def new_run_id() -> str:
 
 
 def start_targets(
-    loaded: LoadedProfile, db_path: str | Path | None = None
+    loaded: LoadedProfile, db_path: str | Path | None = None, host: str = "127.0.0.1"
 ) -> tuple[dict[str, str], list[EmbeddedTarget]]:
-    """Start embedded targets and check external ones; TargetError names the one that failed.
+    """Start embedded targets on `host` and check external ones; TargetError names the one that failed.
 
     A target that keeps data in the harness database (one whose config has a `db` field, e.g. `results`)
-    gets the run's database `db_path` unless its config names another."""
+    gets the run's database `db_path` unless its config names another. A run on agents serves its
+    embedded targets where it serves the hub, so that agents can reach them."""
     urls: dict[str, str] = {}
     started: list[EmbeddedTarget] = []
     try:
@@ -142,7 +143,7 @@ def start_targets(
                 config = ref.config()
                 if db_path is not None and "db" in get_target(kind).config_model.model_fields:
                     config.setdefault("db", str(db_path))
-                target = EmbeddedTarget(name, kind, config, port=ref.port)
+                target = EmbeddedTarget(name, kind, config, port=ref.port, host=host)
                 urls[name] = target.start(timeout=ref.start_timeout)
                 started.append(target)
                 log.info("target %s (%s) ready at %s", name, kind, urls[name])
@@ -285,7 +286,10 @@ class RunController:
             handler.addFilter(secret_filter)
 
         prepare_forkserver(loaded)
-        targets, embedded = start_targets(loaded, options.db_path)
+        host = remote.hub.bind_host if remote is not None else "127.0.0.1"
+        targets, embedded = start_targets(loaded, options.db_path, host=host)
+        if remote is not None:
+            remote.controller_targets = [t.name for t in embedded]
         # a kind name check for embedded targets happened in start_targets; keep the list for the panel
         _ = [get_target(ref.kind or name) for name, ref in profile.targets.items() if ref.embedded]
 

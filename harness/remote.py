@@ -79,6 +79,10 @@ class Hub(Protocol):
     def reachable(self, agent_id: str) -> bool:
         """True while the agent is connected and was heard from recently."""
 
+    @property
+    def bind_host(self) -> str:
+        """The address the hub is served on: embedded targets of a run on agents listen there too."""
+
 
 BYTES_KEY = "$bytes"
 """`{"$bytes": text}`: bytes in a relayed message (ASCII as is — encoded histograms are —, else base64
@@ -259,6 +263,9 @@ class RemoteRun:
         self._lock = threading.Lock()
         self._idle_seen: set[str] = set()
         """Agents that connected after the run took its agents (each is reported once)."""
+        self.controller_targets: list[str] = []
+        """Embedded targets (they run beside the controller): each agent reaches them at the address it
+        reaches the hub on, so their URLs are rewritten by the agent (see `harness.agent`)."""
 
     # -- taking agents -----------------------------------------------------------------------
     @classmethod
@@ -274,12 +281,6 @@ class RemoteRun:
                 "this profile runs on agents (agents:): start it with `harness start`, which serves "
                 "the hub agents connect to"
             )
-        for name, ref in loaded.profile.targets.items():
-            if ref.embedded:
-                raise UsageError(
-                    f"target {name!r} is embedded (it listens on the controller's 127.0.0.1), so agents "
-                    "cannot reach it: give it an external url in a profile with agents:"
-                )
         run = cls(hub, run_id, settings)
         if settings.min > 0:
             log.info(
@@ -349,7 +350,12 @@ class RemoteRun:
         with self._lock:
             self._slots[(link.agent_id, slot.group, slot.index)] = (slot, process)
             slot.process, slot.conn = process, conn  # before the agent can answer
-        data = {"group": slot.group, "index": slot.index, "spec": jsonable(asdict(spec))}
+        data = {
+            "group": slot.group,
+            "index": slot.index,
+            "spec": jsonable(asdict(spec)),
+            "controller_targets": self.controller_targets,
+        }
         if not link.emit("launch", data):
             link.unsent.append(data)
         return process, conn

@@ -381,3 +381,35 @@ def test_an_agent_with_a_wrong_token_exits_2(lab: netns.Lab, tmp_path: Path) -> 
     # nobody else came: the controller gives up after `wait`
     assert cluster.wait_controller(40) == 2, cluster.logs()
     assert "needs 1 agent" in (tmp_path / "controller.log").read_text(), cluster.logs()
+
+
+@pytest.mark.timeout(150)
+def test_agents_reach_the_controllers_embedded_target(lab: netns.Lab, tmp_path: Path) -> None:
+    """An embedded target runs beside the controller, on the hub's address: each agent reaches it at the
+    address it reaches the hub on (10.231.1.1 for a1, 10.231.2.1 for a2), never at its own loopback."""
+    profile: dict[str, Any] = {
+        "name": "echo-on-agents",
+        "duration": "60s",
+        "stop_grace": "3s",
+        "targets": {"echo": {"embedded": True, "concurrency": 16}},
+        "groups": {
+            "web": {
+                "simulator": "http",
+                "users": USERS,
+                "iterations": 25,
+                "processes": 1,
+                "options": {"requests": [{"name": "home", "url": "/", "checks": {"status": 200}}]},
+            }
+        },
+        "agents": {"min": 2, "wait": "30s"},
+    }
+    cluster = Cluster(lab, tmp_path)
+    cluster.start_controller(profile)
+    cluster.start_agent(1)
+    cluster.start_agent(2)
+    assert cluster.wait_controller(75) == 0, cluster.logs()
+    summary = cluster.summary()
+    home = next(e for e in summary["endpoints"] if e["group"] == "web" and e["name"] == "home")
+    assert home["requests"] == USERS * 25 and home["failures"] == 0, (home, cluster.logs())
+    placed = {e["worker"]: str(e.get("agent")) for e in _events(cluster.db, "worker_started")}
+    assert sorted(placed.values()) == ["a1", "a2"], placed

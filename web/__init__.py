@@ -81,7 +81,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def emit(event: str, data: Any, to: str | None = None) -> None:
         server.emit(event, data, to=to, namespace="/")
 
-    hub = agents.AgentHub(server)
+    hub = agents.AgentHub(server, bind_host=app.config["HOST"])
     app.extensions["harness_agents"] = hub
     url = cluster_url(app.config["MESSAGE_QUEUE"])
     cluster = Cluster(url, keep_ticks=KEEP_TICKS) if url else None

@@ -117,9 +117,10 @@ class AgentRecord:
 class AgentHub:
     """Connected agents, which run holds which, and the ordered, de-duplicated relay of their messages."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, bind_host: str | None = None) -> None:
         self._server = server
         """The Socket.IO server agents connect to (`emit` and `disconnect` go through it)."""
+        self._bind_host = bind_host or "127.0.0.1"
         self.agents: dict[str, AgentRecord] = {}
         self._sids: dict[str, str] = {}
         self._runs: dict[str, RemoteRun] = {}
@@ -127,6 +128,11 @@ class AgentHub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._loop: threading.Thread | None = None
+
+    @property
+    def bind_host(self) -> str:
+        """The address the panel (and so the hub) is served on; 127.0.0.1 when not known (gunicorn)."""
+        return self._bind_host
 
     # -- the socket side ---------------------------------------------------------------------
     def hello(self, sid: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,8 @@ def serve_forever(
 
 
 def _base_url(host: str, port: int) -> str:
+    """The URL a local client uses (a target bound on every address is reached at the loopback one)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

@@ -210,6 +210,10 @@ class Agents(BaseModel):
     during the run, else give their share to the remaining workers."""
     lost_timeout: Duration = Field(default=30.0, gt=0)
     """An agent disconnected this long is lost; until then its workers are paused, not restarted."""
+    joining: Literal["spare", "grow"] = "spare"
+    """A matching agent that connects while the run goes: keep it as a spare for a lost agent's workers
+    (spare), or (grow) give it `processes` workers of each running group at once, the users or rate
+    being split over all workers again (groups with `total_iterations` keep their workers)."""
 
     @model_validator(mode="after")
     def _somewhere(self) -> Agents:

@@ -423,6 +423,29 @@ class RemoteRun:
         self._note_idle(collector)
         return changes
 
+    def newcomers(self, collector: Collector) -> list[AgentLink]:
+        """With `joining: grow`, the matching idle agents, taken for this run (event `agent_joined`
+        with `mid_run`); the supervisor gives them workers."""
+        if self.settings.joining != "grow":
+            return []
+        taken = []
+        for info in self.hub.idle(self.settings):
+            if info.agent_id in self.links or not self.hub.claim(self.run_id, info.agent_id):
+                continue
+            link = self.links[info.agent_id] = AgentLink(info, self)
+            collector.event(
+                "agent_joined",
+                None,
+                agent=info.agent_id,
+                name=info.name,
+                cores=info.capacity.get("cores"),
+                processes=info.capacity.get("processes"),
+                clock_offset_s=round(info.clock_offset_s, 4),
+                mid_run=True,
+            )
+            taken.append(link)
+        return taken
+
     def _note_idle(self, collector: Collector) -> None:
         """An event for each matching agent that connected after the run started: it stays idle (a
         run takes its agents when it starts; the next run of the hub takes it). The hub logs the line."""

@@ -24,7 +24,7 @@ from harness.collector import Collector
 from harness.durations import format_duration
 from harness.errors import UsageError, WorkerBootError
 from harness.profile import Group, LoadedProfile
-from harness.remote import LOST_EXIT_CODE, AgentLink, RemoteRun
+from harness.remote import LOST_EXIT_CODE, AgentLink, RemoteRun, has_simulator
 from harness.simulator import registered_simulators
 from harness.store import Store
 from harness.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
@@ -464,8 +464,11 @@ class Supervisor:
             self.store.end_worker(slot.row_id, code)
 
     def _follow_agents(self, now: float) -> None:
-        """Agents that came back get their workers' targets again; lost ones fail or move (on_lost)."""
+        """Agents that came back get their workers' targets again; lost ones fail or move (on_lost);
+        new ones take a share (joining: grow)."""
         assert self.remote is not None
+        for link in self.remote.newcomers(self.collector):
+            self._grow(link)
         for change, link in self.remote.poll(self.collector, now):
             slots = [s for st in self.groups.values() for s in st.slots if s.agent is link and not s.finished]
             if change == "reconnected":
@@ -508,6 +511,27 @@ class Supervisor:
                 moved = "1 worker's share" if len(slots) == 1 else f"{len(slots)} workers' shares"
                 moved += " moved to the others"
             log.warning("agent %s lost (away for %s): %s", link.name, away, moved)
+
+    def _grow(self, link: AgentLink) -> None:
+        """`processes` more workers on an agent that joined mid-run, for each running group it can run;
+        the next second's split gives them their share."""
+        added = []
+        for state in self.groups.values():
+            group = state.config
+            if not state.started or state.finished or group.total_iterations is not None:
+                continue  # a group that starts later places its workers on every agent then
+            if any(s.stopping for s in state.slots) or not has_simulator(link.info.capacity, group.simulator):
+                continue
+            for _ in range(group.processes):
+                live = sum(1 for s in state.slots if not s.finished)
+                index = len(state.slots)
+                slot = _Slot(state.name, index, self._spec(state.name, group, index, live + 1))
+                slot.agent, slot.weight = link, link.weight
+                state.slots.append(slot)
+                self._launch(slot)
+            added.append(f"{group.processes} worker{'s' if group.processes > 1 else ''} of {state.name}")
+        what = ", ".join(added) if added else "no running group to grow"
+        log.info("agent %s joined the run: %s", link.name, what)
 
     def _finish_group(self, state: _GroupState, reason: str) -> None:
         state.finished = True

@@ -359,6 +359,35 @@ def test_an_agent_that_connects_mid_run_is_recorded_and_listed_idle(procs: Procs
     assert procs.text("controller").count("agent late connected: idle until the next run") == 1
 
 
+def test_an_agent_that_connects_mid_run_takes_a_share_with_joining_grow(procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    p = profile(min=1, joining="grow")
+    del p["groups"]["rec"]["iterations"]
+    p["duration"] = "12s"
+    controller = procs.controller(p, port)
+    procs.agent("a1", url)
+    wait_for(lambda: rows(tmp_path / "h.db", "SELECT COUNT(*) FROM health")[0][0] > 0)
+    procs.agent("a2", url)
+    joined = wait_for(lambda: [d for t, _, d in events(tmp_path) if t == "agent_joined" and d.get("mid_run")])
+    assert joined[0]["name"] == "a2"
+    assert controller.wait(timeout=50) == 0, procs.text("controller")
+    seen = events(tmp_path)
+    assert "agent_idle" not in [t for t, _, _ in seen]
+    workers = {d["agent"]: d["worker"] for t, _, d in seen if t == "worker_started"}
+    assert sorted(workers) == ["a1", "a2"], workers
+    db = tmp_path / "h.db"
+    joined_at = "(SELECT t FROM event WHERE type='agent_joined' AND detail LIKE '%mid_run%')"
+    before = rows(db, f"SELECT MAX(users) FROM health WHERE worker=? AND t < {joined_at}", workers["a1"])
+    assert before[0][0] == 4  # a1 alone ran the four users
+    # from two seconds after the join, the four users are split two and two
+    after = dict(rows(db, f"SELECT worker, MAX(users) FROM health WHERE t > {joined_at} + 2 GROUP BY worker"))
+    assert after == {workers["a1"]: 2, workers["a2"]: 2}, after
+    text = procs.text("controller")
+    assert "agent a2 connected: the run takes it (joining: grow)" in text
+    assert "agent a2 joined the run: 1 worker of rec" in text
+
+
 class Proxy:
     """A TCP proxy on loopback whose link can be cut (every connection closed, new ones refused), or
     frozen (nothing passes either way, nothing is closed: a silent cut, as a pulled cable)."""

@@ -160,11 +160,16 @@ class AgentHub:
             with record.out_lock:
                 cseq = record.cseq
             busy = bool(self._runs)
+            growing = any(
+                r.settings.joining == "grow" and _matches(record, r.settings) for r in self._runs.values()
+            )
             self._changed.notify_all()
             self._start_loop()
         # one line per change: a run that holds the agent says it came back itself
         if record.run_id is not None:
             log.debug("agent %s connected (%s)", record.name, agent_id)
+        elif growing:
+            log.info("agent %s connected: the run takes it (joining: grow)", record.name)
         elif busy:
             log.info(
                 "agent %s connected: idle until the next run (a run takes its agents when it starts)",

@@ -174,7 +174,7 @@ def test_dockerfile_health_check_entry_point_and_volume() -> None:
 
 def test_dockerfile_build_args_have_their_defaults_and_are_used() -> None:
     globals_ = _arg_defaults(-1)
-    assert globals_["EXTRAS"] == "genie,mlops-sdk,webrtc"
+    assert globals_["EXTRAS"] == "genie,mlops-sdk,webrtc,scale-out"
     assert globals_["BROWSERS"] == "0"
     assert globals_["ACAPY"] == "0"
     config = ConfigParser()

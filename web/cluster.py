@@ -146,13 +146,13 @@ class Cluster:
         except Exception:
             log.exception("panel cluster: could not answer")
 
-    def publish_state(self, run_id: str, state: dict[str, Any], force: bool = False) -> None:
-        """Write an active run's state (at most once a second unless `force`)."""
+    def publish_state(self, run_id: str, state: Callable[[], dict[str, Any]], force: bool = False) -> None:
+        """Write an active run's state, `state()` (at most once a second unless `force`)."""
         now = time.monotonic()
         if not force and now - self._written.get(run_id, 0.0) < 1.0:
             return
         self._written[run_id] = now
-        body = json.dumps({**state, "owner": self.me, "updated": time.time()}, default=str)
+        body = json.dumps({**state(), "owner": self.me, "updated": time.time()}, default=str)
         self._quiet(lambda: self.redis.set(self._state_key(run_id), body, ex=STATE_TTL_S))
 
     def publish_tick(self, run_id: str, tick: dict[str, Any]) -> None:

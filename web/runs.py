@@ -229,7 +229,7 @@ class RunManager:
             self._active = record
             if self.cluster is not None:  # the other processes know of it before its id is returned
                 self.cluster.serve(self._forwarded)
-                self.cluster.publish_state(record.run_id, self._published(record), force=True)
+                self.cluster.publish_state(record.run_id, lambda: self._published(record), force=True)
             record.thread = threading.Thread(
                 target=self._run, args=(record,), name=f"run-{record.run_id}", daemon=True
             )
@@ -325,17 +325,17 @@ class RunManager:
                 announced = True
                 controller.collector.event("operator_action", None, action="start", who=record.who)
             if tick is not None:
+                out = {**tick, "run_id": record.run_id}
+                if self.cluster is not None:  # before the emit: a joiner elsewhere never misses it
+                    self.cluster.publish_tick(record.run_id, out)
                 with self._lock:
                     record.ticks.append(tick)
-                    out = {**tick, "run_id": record.run_id}
-                    if self.cluster is not None:
-                        self.cluster.publish_tick(record.run_id, out)
                     self._safe_emit("tick", out, to=room(record.run_id))
             if done and record.inbox.empty():
                 break
             changed = controller.status != last_status
             if self.cluster is not None and not done:
-                self.cluster.publish_state(record.run_id, self._published(record), force=changed)
+                self.cluster.publish_state(record.run_id, lambda: self._published(record), force=changed)
             if changed:
                 last_status = controller.status
                 self._safe_emit("run_status", record.status_event())

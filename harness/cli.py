@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve the web panel until Ctrl-C. It binds 127.0.0.1 unless --host says otherwise; any\n"
             "other address needs a token (--token or HARNESS_TOKEN). In production use gunicorn:\n"
-            "  gunicorn --worker-class gthread -w 1 --threads 100 -b 127.0.0.1:8089 'web:create_app()'"
+            "  gunicorn --worker-class gthread -w 1 --threads 100 -b 127.0.0.1:8089 'web:create_app()'\n"
+            "Several panel processes act as one panel when they share HARNESS_MESSAGE_QUEUE (a Redis\n"
+            "URL; harness[scale-out]), HARNESS_SECRET_KEY, the token and the database: each shows and\n"
+            "controls every process's active run (see the README, 'Several panel processes')."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

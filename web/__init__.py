@@ -85,6 +85,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["harness_agents"] = hub
     url = cluster_url(app.config["MESSAGE_QUEUE"])
     cluster = Cluster(url, keep_ticks=KEEP_TICKS) if url else None
+    if cluster is not None:
+        cluster.check()
     manager = RunManager(db_path, emit, socketio.start_background_task, agent_hub=hub, cluster=cluster)
     app.extensions["harness_runs"] = manager
     # a server that exits (gunicorn's SIGTERM, Ctrl-C) stops its run gracefully rather than leaving

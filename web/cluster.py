@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harness.errors import UsageError
+from harness.store import redact_db
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,20 @@ class Cluster:
                     self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
                     self._listener = None
         return self._client
+
+    def check(self) -> bool:
+        """Ping Redis once (at start): a warning, not a failure, when it cannot be reached."""
+        try:
+            self.redis.ping()
+            return True
+        except self._redis_module.RedisError as exc:
+            log.warning(
+                "message queue %s unreachable (%s): the live view pauses until it is back; "
+                "runs go on and are stored",
+                redact_db(self.url),
+                exc,
+            )
+            return False
 
     # -- the owner's side ------------------------------------------------------------------
     def serve(self, handler: Handler) -> None:

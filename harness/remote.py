@@ -249,6 +249,20 @@ class AgentLink:
         return self.run.hub.emit(self.agent_id, event, {"run_id": self.run.run_id, **data})
 
 
+def _joined(collector: Collector, info: AgentInfo, **detail: Any) -> None:
+    """The `agent_joined` event of an agent a run takes."""
+    collector.event(
+        "agent_joined",
+        None,
+        agent=info.agent_id,
+        name=info.name,
+        cores=info.capacity.get("cores"),
+        processes=info.capacity.get("processes"),
+        clock_offset_s=round(info.clock_offset_s, 4),
+        **detail,
+    )
+
+
 class RemoteRun:
     """One run's agents: placement, launches, relayed messages, and connection changes."""
 
@@ -332,15 +346,7 @@ class RemoteRun:
     def announce(self, collector: Collector) -> None:
         """`agent_joined` events for the agents this run took."""
         for link in self.links.values():
-            collector.event(
-                "agent_joined",
-                None,
-                agent=link.agent_id,
-                name=link.name,
-                cores=link.info.capacity.get("cores"),
-                processes=link.info.capacity.get("processes"),
-                clock_offset_s=round(link.info.clock_offset_s, 4),
-            )
+            _joined(collector, link.info)
 
     # -- slots ---------------------------------------------------------------------------------
     def launch(self, link: AgentLink, slot: Any, spec: WorkerSpec) -> tuple[RemoteProcess, RemoteConn]:
@@ -428,23 +434,17 @@ class RemoteRun:
         with `mid_run`); the supervisor gives them workers."""
         if self.settings.joining != "grow":
             return []
-        taken = []
-        for info in self.hub.idle(self.settings):
-            if info.agent_id in self.links or not self.hub.claim(self.run_id, info.agent_id):
-                continue
-            link = self.links[info.agent_id] = AgentLink(info, self)
-            collector.event(
-                "agent_joined",
-                None,
-                agent=info.agent_id,
-                name=info.name,
-                cores=info.capacity.get("cores"),
-                processes=info.capacity.get("processes"),
-                clock_offset_s=round(info.clock_offset_s, 4),
-                mid_run=True,
-            )
-            taken.append(link)
-        return taken
+        taken = [self._take(info, collector, mid_run=True) for info in self.hub.idle(self.settings)]
+        return [link for link in taken if link is not None]
+
+    def _take(self, info: AgentInfo, collector: Collector, **detail: Any) -> AgentLink | None:
+        """Claim an idle agent for this run mid-run (event `agent_joined` with `detail`); None if it is
+        ours already, gone, or another run took it."""
+        if info.agent_id in self.links or not self.hub.claim(self.run_id, info.agent_id):
+            return None
+        link = self.links[info.agent_id] = AgentLink(info, self)
+        _joined(collector, info, **detail)
+        return link
 
     def _note_idle(self, collector: Collector) -> None:
         """An event for each matching agent that connected after the run started: it stays idle (a
@@ -466,22 +466,10 @@ class RemoteRun:
         """An idle agent that matches and has every one of `simulators`, taken for this run to run a
         lost agent's workers (event `agent_joined` with `replaces`); None if there is none."""
         for info in self.hub.idle(self.settings):
-            if info.agent_id in self.links or not all(has_simulator(info.capacity, s) for s in simulators):
-                continue
-            if not self.hub.claim(self.run_id, info.agent_id):
-                continue
-            link = self.links[info.agent_id] = AgentLink(info, self)
-            collector.event(
-                "agent_joined",
-                None,
-                agent=info.agent_id,
-                name=info.name,
-                cores=info.capacity.get("cores"),
-                processes=info.capacity.get("processes"),
-                clock_offset_s=round(info.clock_offset_s, 4),
-                replaces=lost.name,
-            )
-            return link
+            if all(has_simulator(info.capacity, s) for s in simulators):
+                link = self._take(info, collector, replaces=lost.name)
+                if link is not None:
+                    return link
         return None
 
     def _processes(self, agent_id: str) -> list[tuple[Any, RemoteProcess]]:

@@ -116,6 +116,27 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return UnitScheduling(config, log)
 
 
+_MEASURED: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With HARNESS_TEST_DURATIONS=1 (in a serial run, or the controller of a parallel one): add up each
+    test's setup, call and teardown, for DURATIONS."""
+    if os.environ.get("HARNESS_TEST_DURATIONS") == "1" and not XDIST:
+        _MEASURED[report.nodeid] = _MEASURED.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With HARNESS_TEST_DURATIONS=1: rewrite DURATIONS with the tests of this run that took a second or
+    more (the others keep their figures; a parallel run's are inflated by the load, but in proportion)."""
+    if not _MEASURED:
+        return
+    known = json.loads(DURATIONS.read_text(encoding="utf-8")) if DURATIONS.exists() else {}
+    known.update({nodeid: round(seconds, 1) for nodeid, seconds in _MEASURED.items()})
+    kept = {nodeid: seconds for nodeid, seconds in sorted(known.items()) if seconds >= 1.0}
+    DURATIONS.write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
+
+
 @pytest.fixture
 def smoke_doc() -> dict[str, Any]:
     """A fresh, mutable copy of the built-in `smoke` profile."""

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,16 +85,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return UNKNOWN_SLOW_S if item.get_closest_marker("slow") else 0.0
 
     unit_of = {item.nodeid: _unit(item) for item in items}
+    exclusive = {item.nodeid for item in items if item.get_closest_marker("exclusive")}
     units: dict[str, tuple[bool, float, int]] = {}  # unit -> (not exclusive, -seconds, first position)
     for index, item in enumerate(items):
         shared, seconds, first = units.get(unit_of[item.nodeid], (True, 0.0, index))
-        exclusive = item.get_closest_marker("exclusive") is not None
-        units[unit_of[item.nodeid]] = (shared and not exclusive, seconds - estimate(item), first)
-    items.sort(key=lambda item: units[unit_of[item.nodeid]])  # a unit's tests stay together, in order
+        units[unit_of[item.nodeid]] = (
+            shared and item.nodeid not in exclusive,
+            seconds - estimate(item),
+            first,
+        )
+    # a unit's tests stay together, its exclusive ones first (a test of it waiting for them would wait
+    # for ever), else in order
+    items.sort(key=lambda item: (*units[unit_of[item.nodeid]], item.nodeid not in exclusive))
     path = _units_file(config, controller=False)
     partial = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
     partial.write_text(json.dumps(unit_of), encoding="utf-8")
     os.replace(partial, path)  # every worker writes the same; a reader never sees half of it
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On pytest-xdist workers: which tests of this run (after -k, -m, ...) are exclusive."""
+    if XDIST:
+        _EXCLUSIVE.update(item.nodeid for item in session.items if item.get_closest_marker("exclusive"))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -186,6 +199,10 @@ def one_line_error() -> Callable[..., str]:
 
 
 _LOCKS: list[Any] = []
+_EXCLUSIVE: set[str] = set()
+"""The exclusive tests of the run (every worker collects them all); emptied once they have all run."""
+EXCLUSIVE_WAIT_S = 1800.0
+"""The longest a test waits for the exclusive tests to be done (then it runs anyway: never a hang)."""
 
 
 def _lock_files(config: pytest.Config) -> list[Any]:
@@ -202,6 +219,15 @@ def _turn(config: pytest.Config, alone: bool) -> Iterator[None]:
     """Hold the run's room shared (any test) or alone (an `exclusive` one), with writer preference: an
     exclusive test waiting at the gate keeps new tests out until it has run, so it cannot starve."""
     gate, room = _lock_files(config)
+    done = Path(gate.name).with_name("xdist-exclusive-done")
+    deadline = time.monotonic() + EXCLUSIVE_WAIT_S
+    while _EXCLUSIVE and not alone and time.monotonic() < deadline:
+        # Any other test waits until every exclusive one has run: a test that slipped in between two of
+        # them would make the next one wait for it to end, every other worker idle meanwhile.
+        if _EXCLUSIVE.issubset(done.read_text(encoding="utf-8").split("\n") if done.exists() else ()):
+            _EXCLUSIVE.clear()
+        else:
+            time.sleep(0.2)
     if alone:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(room, fcntl.LOCK_EX)
@@ -223,5 +249,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     on any worker; outermost, so that waiting for its turn does not count against a test's timeout."""
     if not XDIST:
         return (yield)
-    with _turn(item.config, alone=item.get_closest_marker("exclusive") is not None):
-        return (yield)
+    alone = item.get_closest_marker("exclusive") is not None
+    try:
+        with _turn(item.config, alone=alone):
+            return (yield)
+    finally:
+        if alone:
+            with open(Path(_lock_files(item.config)[0].name).with_name("xdist-exclusive-done"), "a") as done:
+                done.write(item.nodeid + "\n")

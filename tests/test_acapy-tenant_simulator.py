@@ -37,13 +37,20 @@ DENIED = "tenant-0-1"
 """The tenant the failure-isolation test's mediator denies."""
 
 
-def acapy_pids() -> set[int]:
-    """Live `aca-py start` processes."""
+def acapy_pids(run_id: str) -> set[int]:
+    """Live `aca-py start` processes that the run `run_id` launched: they work in its folder
+    harness-acapy-<run id>-* (agents of other tests, which may run at the same time under pytest-xdist,
+    are not this run's)."""
     out = set()
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and "aca-py" in cmd and " start " in cmd:
+            if (
+                proc.info["status"] != psutil.STATUS_ZOMBIE
+                and "aca-py" in cmd
+                and " start " in cmd
+                and f"/harness-acapy-{run_id}-" in proc.cwd()
+            ):
                 out.add(proc.pid)
         except psutil.Error:
             continue
@@ -73,9 +80,8 @@ def acceptance(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Any, dict[str, Any], Path, set[int]]]:
     """The built-in profile scaled to a minute and a dozen tenants, run once through the CLI."""
-    before = acapy_pids()
     proc, summary, db = start(tmp_path_factory.mktemp("acceptance"), "acapy-mediator", *SCALED, timeout=170)
-    leftover = acapy_pids() - before
+    leftover = acapy_pids(summary["run_id"]) if summary else set()
     yield proc, summary, db, leftover
 
 

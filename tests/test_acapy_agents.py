@@ -47,8 +47,9 @@ TIMINGS: dict[str, Any] = {}
 """Measured latencies, printed at the end of the module (pytest -s)."""
 
 
-def acapy_processes(pids: set[int] | None = None) -> list[str]:
-    """Live aca-py processes (of these pids, or any running under a folder of this test run)."""
+def acapy_processes(pids: set[int] | None = None, under: Path | None = None) -> list[str]:
+    """Live aca-py processes: of these pids, or every `aca-py start` working in a folder under `under`
+    (not those of other tests, which may run at the same time under pytest-xdist)."""
     out = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
@@ -56,7 +57,10 @@ def acapy_processes(pids: set[int] | None = None) -> list[str]:
                 continue
             cmd = " ".join(proc.info["cmdline"] or [])
             if (pids is not None and proc.pid in pids) or (
-                pids is None and "aca-py" in cmd and "start" in cmd
+                under is not None
+                and "aca-py" in cmd
+                and "start" in cmd
+                and Path(proc.cwd()).is_relative_to(under)
             ):
                 out.append(f"{proc.pid} {cmd[:160]}")
         except psutil.Error:
@@ -455,11 +459,10 @@ def test_launch_stop_leaves_nothing(tmp_path: Path) -> None:
 
 def test_agent_that_dies_reports_its_log(tmp_path: Path) -> None:
     """An agent that exits at start: AgentStartError with the log tail; the other agent is stopped too."""
-    before = set(acapy_processes())
     with pytest.raises(AgentStartError) as exc:
         launch_agents(tmp_path, mediator_args=["--no-such-flag"], timeout=30)
     assert "mediator exited" in str(exc.value) and "no-such-flag" in str(exc.value)
-    assert set(acapy_processes()) <= before
+    assert not acapy_processes(under=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
 
 

@@ -25,7 +25,9 @@ from harness.metrics import merge_into, new_histogram
 from tests import netns
 from tests.sims import synthetic_latency
 
-pytestmark = pytest.mark.slow
+# One worker for the module under pytest-xdist: every lab's fixture removes the namespaces of dead runs,
+# and the crash test plants exactly such a namespace, which another worker's lab would remove.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("netns")]
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 8099

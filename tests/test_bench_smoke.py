@@ -26,6 +26,7 @@ def _missing() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # a benchmark: it checks for other load and would measure the other tests
 @pytest.mark.timeout(420)
 def test_bench_quick_produces_numbers_for_every_tool(tmp_path: Path) -> None:
     reason = _missing()

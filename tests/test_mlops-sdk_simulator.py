@@ -119,6 +119,7 @@ def flush_ms(drained: list[dict[str, Any]]) -> dict[float, float]:
     return percentiles_ms(hist, (50, 90))
 
 
+@pytest.mark.exclusive  # times the SDK's flushes: under 1 s at the median with 0.5 s batches
 @pytest.mark.parametrize("sync", ["process", "thread"])
 def test_every_logged_point_arrives_once_and_runs_complete(
     sync: str, pluto: EmbeddedTarget, tmp_path: Path

@@ -248,6 +248,7 @@ def assert_chart_drawn(image: Any, box: dict[str, int]) -> None:
 # -- tests ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.exclusive  # the demo run must not report a saturated load generator
 def test_demo_report_is_self_contained(demo: tuple[Store, str, Path]) -> None:
     store, run_id, work = demo
     path = write_html(store, run_id, work / "report")  # an existing directory: report.html inside
@@ -269,6 +270,7 @@ def test_demo_report_is_self_contained(demo: tuple[Store, str, Path]) -> None:
     assert "The load generator itself was saturated" not in text
 
 
+@pytest.mark.exclusive  # shares the demo run (a module fixture) with the test above
 def test_demo_report_renders_its_charts_offline(demo: tuple[Store, str, Path]) -> None:
     store, run_id, work = demo
     path = write_html(store, run_id, work / "demo.html")

@@ -146,6 +146,7 @@ def test_custom_simulator_metrics_datapoints_and_isolated_failures(tmp_path: Pat
     assert rows(db, "SELECT COUNT(*) FROM log WHERE message LIKE '%planned failure%'")[0][0] >= 1
 
 
+@pytest.mark.exclusive  # the worker's event-loop lag must stay under 50 ms
 def test_blocking_simulator_runs_in_thread_pool(tmp_path: Path) -> None:
     profile = recorder_profile(simulator="tests.sims:SlowBlocking", users=4, think_time=0, options={})
     profile["duration"] = "4s"

@@ -494,12 +494,16 @@ def test_serve_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc = _spawn(["serve", "--port", "0"], tmp_path)
     try:
         url = _read_until(proc, r"panel: (http://\S+)").group(1)
-        http = requests.Session()
-        session = http.get(url + "api/session", timeout=5).json()
-        assert session == {"auth_required": False, "authenticated": True, "csrf_token": session["csrf_token"]}
-        assert http.get(url + "api/runs", timeout=5).json() == {"runs": []}
-        with http.get(url, timeout=5) as page:
-            assert page.status_code == 200
+        with requests.Session() as http:
+            session = http.get(url + "api/session", timeout=5).json()
+            assert session == {
+                "auth_required": False,
+                "authenticated": True,
+                "csrf_token": session["csrf_token"],
+            }
+            assert http.get(url + "api/runs", timeout=5).json() == {"runs": []}
+            with http.get(url, timeout=5) as page:
+                assert page.status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     finally:

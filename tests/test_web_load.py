@@ -46,6 +46,7 @@ def panel(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # it saturates every core on purpose, and times the panel meanwhile
 def test_panel_answers_and_ticks_while_the_cores_are_saturated(panel: str) -> None:
     http = requests.Session()
     csrf = http.get(panel + "api/session", timeout=5).json()["csrf_token"]
@@ -99,3 +100,4 @@ def test_panel_answers_and_ticks_while_the_cores_are_saturated(panel: str) -> No
         assert arrived >= 8 * elapsed / 10, (arrived, elapsed)
     finally:
         client.disconnect()
+        http.close()

@@ -509,9 +509,10 @@ class Statement:
     def state(self, now: float) -> str:
         if self.canceled:
             return "CANCELED"
-        elapsed = now - self.started
-        if elapsed >= self.duration:
+        # Not `now - started >= duration`: rounding could leave state(started + duration) RUNNING.
+        if now >= self.started + self.duration:
             return "FAILED" if self.error else "SUCCEEDED"
+        elapsed = now - self.started
         # Queued for the warehouse for the first quarter of its time, then running.
         return "PENDING" if elapsed < self.duration / 4 else "RUNNING"
 

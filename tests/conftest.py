@@ -257,3 +257,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if alone:
             with open(Path(_lock_files(item.config)[0].name).with_name("xdist-exclusive-done"), "a") as done:
                 done.write(item.nodeid + "\n")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Close this worker's lock files (else a ResourceWarning at exit)."""
+    while _LOCKS:
+        _LOCKS.pop().close()

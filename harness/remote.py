@@ -249,18 +249,22 @@ class AgentLink:
         return self.run.hub.emit(self.agent_id, event, {"run_id": self.run.run_id, **data})
 
 
-def _joined(collector: Collector, info: AgentInfo, **detail: Any) -> None:
-    """The `agent_joined` event of an agent a run takes."""
+def _agent_event(collector: Collector, kind: str, info: AgentInfo, **detail: Any) -> None:
+    """An event about an agent (`agent_joined`, `agent_idle`): who it is and what it offers."""
     collector.event(
-        "agent_joined",
+        kind,
         None,
         agent=info.agent_id,
         name=info.name,
         cores=info.capacity.get("cores"),
         processes=info.capacity.get("processes"),
-        clock_offset_s=round(info.clock_offset_s, 4),
         **detail,
     )
+
+
+def _joined(collector: Collector, info: AgentInfo, **detail: Any) -> None:
+    """The `agent_joined` event of an agent a run takes."""
+    _agent_event(collector, "agent_joined", info, clock_offset_s=round(info.clock_offset_s, 4), **detail)
 
 
 class RemoteRun:
@@ -453,14 +457,7 @@ class RemoteRun:
             if info.agent_id in self._idle_seen or info.agent_id in self.links:
                 continue
             self._idle_seen.add(info.agent_id)
-            collector.event(
-                "agent_idle",
-                None,
-                agent=info.agent_id,
-                name=info.name,
-                cores=info.capacity.get("cores"),
-                processes=info.capacity.get("processes"),
-            )
+            _agent_event(collector, "agent_idle", info)
 
     def replacement(self, lost: AgentLink, simulators: set[str], collector: Collector) -> AgentLink | None:
         """An idle agent that matches and has every one of `simulators`, taken for this run to run a

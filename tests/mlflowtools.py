@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import requests
+
+from tests.clitools import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_VENV = REPO / ".venv-mlflow"
@@ -33,13 +34,6 @@ def server_binary() -> Path | None:
     except ImportError:
         return None
     return here if here.exists() else None
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def group_processes(pgid: int) -> list[psutil.Process]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,9 @@ from typing import Any
 
 import requests
 import socketio
+import yaml
 
-from tests.clitools import ROOT
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.clitools import ROOT, free_port
 
 
 def start_gunicorn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -136,3 +129,10 @@ class TickClient:
     def close(self) -> None:
         """Disconnect."""
         self.client.disconnect()
+
+
+def recorder_profile(name: str, **groups: dict[str, Any]) -> str:
+    """A 60-second profile of two `tests.sims:Recorder` users (group `rec`) plus `groups`, as YAML."""
+    rec = {"simulator": "tests.sims:Recorder", "users": 2, "think_time": "50ms"}
+    doc = {"name": name, "duration": "60s", "stop_grace": "2s", "groups": {"rec": rec, **groups}}
+    return yaml.safe_dump(doc, sort_keys=False)

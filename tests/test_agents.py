@@ -22,19 +22,12 @@ import yaml
 from harness.agent import Outbox, shift_times
 from harness.remote import jsonable, restore
 from harness.supervisor import _split
-from tests.clitools import ROOT
+from tests.clitools import ROOT, free_port
 from tests.test_run import rows
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "agents-test-token"
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:

@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 import yaml
 
 import harness
+from tests.clitools import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -629,12 +629,6 @@ def test_healthcheck_without_a_role_and_with_a_dead_or_foreign_process(tmp_path:
     assert healthcheck(tmp_path).returncode == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str, token: str | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -674,7 +668,7 @@ def _role(state: Path) -> list[str]:
 def test_controller_and_agent_roles_run_serve_and_pass_their_health_check(
     tmp_path: Path, started: list[subprocess.Popen[str]]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     ctl_dir = tmp_path / "controller"
     ctl_dir.mkdir()

@@ -26,6 +26,7 @@ from simulators.http.client import (
     Response,
     ServerDisconnected,
 )
+from tests.clitools import free_port
 
 T = TypeVar("T")
 Runner = Callable[[Awaitable[T]], T]
@@ -169,13 +170,6 @@ async def raw_server(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     """One request head (the tests send no bodies to raw servers)."""
     return await reader.readuntil(b"\r\n\r\n")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- keep-alive, pool, queueing -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from harness.targets import TARGETS, get_target
 from harness.targets.echo import EchoConfig, build_app
 from harness.targets.runner import EmbeddedTarget, check_url
 from harness.targets.service import Refused, ServiceModel, ServiceModelConfig
+from tests.clitools import free_port
 
 
 @asynccontextmanager
@@ -58,12 +59,6 @@ async def burst(url: str, n: int) -> tuple[list[tuple[int, float]], float]:
 async def get_json(url: str) -> Any:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return await response.json()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_status(url: str) -> int:

@@ -18,25 +18,21 @@ import redis
 import requests
 
 from harness.store import Store
-from tests.paneltools import TickClient, free_port, redis_server, start_gunicorn, stop_gunicorn, wait_until_up
+from tests.clitools import free_port
+from tests.paneltools import (
+    TickClient,
+    recorder_profile,
+    redis_server,
+    start_gunicorn,
+    stop_gunicorn,
+    wait_until_up,
+)
 from tests.pgtools import embedded_postgres, new_database
 
 TOKEN = "cluster-test-token"
 PASSWORD = "Cl-pg-81f0"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PROFILE = """
-name: cluster-rec
-duration: 60s
-stop_grace: 2s
-groups:
-  rec:
-    simulator: tests.sims:Recorder
-    users: 2
-    think_time: 50ms
-  paced:
-    simulator: tests.sims:Recorder
-    arrival_rate: 4
-"""
+PROFILE = recorder_profile("cluster-rec", paced={"simulator": "tests.sims:Recorder", "arrival_rate": 4})
 
 
 def _wait(what: str, check: Any, timeout: float = 30) -> Any:

@@ -127,17 +127,24 @@ class Cluster:
 
     def _listen(self) -> None:
         """Subscribe to this process's channel and answer each request in its own thread; a lost
-        Redis is retried every second (the run goes on meanwhile)."""
+        Redis is retried every second (the run goes on meanwhile), with one line when it goes and one
+        when it is back."""
+        lost = False
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self._channel(self.me))
+                if lost:
+                    log.info("panel cluster: Redis is back")
+                    lost = False
                 while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         threading.Thread(target=self._answer, args=(message["data"],), daemon=True).start()
             except self._redis_module.RedisError as exc:
-                log.warning("panel cluster: Redis unavailable (%s); retrying", exc)
+                if not lost:
+                    log.warning("panel cluster: Redis unavailable (%s); retrying every second", exc)
+                    lost = True
                 time.sleep(1.0)
 
     def _answer(self, data: str) -> None:
@@ -253,11 +260,16 @@ class Cluster:
         if time.monotonic() < self._down_until:
             return None
         try:
-            return call()
+            result = call()
         except self._redis_module.RedisError as exc:
+            if not self._down_until:  # one line when it goes, one when it is back
+                log.warning("panel cluster: Redis unavailable (%s); retrying every %g s", exc, BACKOFF_S)
             self._down_until = time.monotonic() + BACKOFF_S
-            log.warning("panel cluster: Redis unavailable (%s); retrying in %g s", exc, BACKOFF_S)
             return None
+        if self._down_until:
+            self._down_until = 0.0
+            log.info("panel cluster: Redis is back")
+        return result
 
 
 def _refusal(kind: str, message: str) -> UsageError:

@@ -6,7 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,3 +35,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str | None = None) -> Any:
+    """Poll `condition()` until it is truthy and return that value. An exception counts as not yet (a
+    database not created yet, a server not up yet); the last one is named if time runs out."""
+    deadline = time.monotonic() + timeout
+    error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+        except Exception as exc:
+            value, error = None, exc
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            last = f" (last error: {error!r})" if error is not None else ""
+            raise AssertionError(f"timed out waiting for {what or condition}{last}")
+        time.sleep(0.1)

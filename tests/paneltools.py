@@ -17,7 +17,6 @@ from typing import Any
 
 import requests
 import socketio
-import yaml
 
 from tests.clitools import ROOT, free_port
 
@@ -129,10 +128,3 @@ class TickClient:
     def close(self) -> None:
         """Disconnect."""
         self.client.disconnect()
-
-
-def recorder_profile(name: str, **groups: dict[str, Any]) -> str:
-    """A 60-second profile of two `tests.sims:Recorder` users (group `rec`) plus `groups`, as YAML."""
-    rec = {"simulator": "tests.sims:Recorder", "users": 2, "think_time": "50ms"}
-    doc = {"name": name, "duration": "60s", "stop_grace": "2s", "groups": {"rec": rec, **groups}}
-    return yaml.safe_dump(doc, sort_keys=False)

@@ -22,7 +22,7 @@ import yaml
 from harness.agent import Outbox, shift_times
 from harness.remote import jsonable, restore
 from harness.supervisor import _split
-from tests.clitools import ROOT, free_port
+from tests.clitools import ROOT, free_port, wait_for
 from tests.test_run import rows
 
 pytestmark = pytest.mark.slow
@@ -124,19 +124,6 @@ def profile(**agents: Any) -> dict[str, Any]:
 def summary(tmp_path: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads((tmp_path / "report" / "summary.json").read_text())
     return result
-
-
-def wait_for(predicate: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:  # the database may not exist yet
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 def events(tmp_path: Path) -> list[tuple[str, str | None, dict[str, Any]]]:
@@ -454,15 +441,27 @@ class Proxy:
                 s.close()
 
 
-def test_a_cut_link_loses_no_windows(procs: Procs, tmp_path: Path) -> None:
+def _paced_run_behind_a_proxy(procs: Procs, tmp_path: Path, iterations: int) -> tuple[Any, Proxy]:
+    """A controller and one agent whose link goes through a Proxy: two users at 10 iterations/s each,
+    `iterations` each; returns once 20 are stored."""
     port = free_port()
     proxy = Proxy(port)
+    p = profile(min=1)
+    pacing = {"type": "pacing", "interval": "100ms"}
+    p["groups"]["rec"].update(users=2, iterations=iterations, think_time=pacing)
+    controller = procs.controller(p, port)
+    procs.agent("a1", f"http://127.0.0.1:{proxy.port}")
     try:
-        p = profile(min=1)
-        p["groups"]["rec"].update(users=2, iterations=60, think_time={"type": "pacing", "interval": "100ms"})
-        controller = procs.controller(p, port)
-        procs.agent("a1", f"http://127.0.0.1:{proxy.port}")
         wait_for(lambda: rows(tmp_path / "h.db", "SELECT SUM(count) FROM window")[0][0] >= 20)
+    except BaseException:
+        proxy.close()
+        raise
+    return controller, proxy
+
+
+def test_a_cut_link_loses_no_windows(procs: Procs, tmp_path: Path) -> None:
+    controller, proxy = _paced_run_behind_a_proxy(procs, tmp_path, iterations=60)
+    try:
         proxy.cut()
         cut_at = time.time()
         time.sleep(3)
@@ -490,14 +489,8 @@ def test_a_cut_link_loses_no_windows(procs: Procs, tmp_path: Path) -> None:
 
 
 def test_a_silent_cut_is_noticed_within_seconds_and_loses_nothing(procs: Procs, tmp_path: Path) -> None:
-    port = free_port()
-    proxy = Proxy(port)
+    controller, proxy = _paced_run_behind_a_proxy(procs, tmp_path, iterations=120)
     try:
-        p = profile(min=1)
-        p["groups"]["rec"].update(users=2, iterations=120, think_time={"type": "pacing", "interval": "100ms"})
-        controller = procs.controller(p, port)
-        procs.agent("a1", f"http://127.0.0.1:{proxy.port}")
-        wait_for(lambda: rows(tmp_path / "h.db", "SELECT SUM(count) FROM window")[0][0] >= 20)
         frozen_at = time.time()
         proxy.freeze()  # no FIN, no RST: only the agent going quiet tells
         time.sleep(5)

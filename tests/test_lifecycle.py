@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_reliability import launch, wait_for
+from tests.clitools import wait_for
+from tests.test_reliability import launch
 from tests.test_run import recorder_profile, rows, start
 
 pytestmark = pytest.mark.slow

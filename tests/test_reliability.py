@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.clitools import ROOT, harness
+from tests.clitools import ROOT, harness, wait_for
 from tests.test_run import recorder_profile, rows, start
 
 pytestmark = pytest.mark.slow
@@ -52,20 +52,6 @@ def launch(tmp_path: Path, profile: dict[str, Any]) -> tuple[subprocess.Popen[st
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     return proc, db, report
-
-
-def wait_for(predicate: Any, timeout: float = 20.0) -> Any:
-    """Poll until `predicate()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:  # the database may not exist yet
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 def worker_pids(db: Path, group: str) -> list[int]:

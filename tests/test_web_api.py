@@ -22,7 +22,7 @@ from flask_socketio import SocketIOTestClient
 
 from harness.errors import UsageError
 from harness.store import Store
-from tests.clitools import ROOT
+from tests.clitools import ROOT, wait_for
 from web import create_app, socketio
 from web.security import check_bind, is_loopback
 
@@ -77,16 +77,6 @@ def csrf(client: FlaskClient) -> dict[str, str]:
 def post(client: FlaskClient, url: str, body: Any = None, **kwargs: Any) -> Any:
     headers = {**csrf(client), **kwargs.pop("headers", {})}
     return client.post(url, json=body if body is not None else {}, headers=headers, **kwargs)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- security ----------------------------------------------------------------------------------------

@@ -16,34 +16,26 @@ import psutil
 import pytest
 import redis
 import requests
+import yaml
 
 from harness.store import Store
-from tests.clitools import free_port
+from tests.clitools import free_port, wait_for
 from tests.paneltools import (
     TickClient,
-    recorder_profile,
     redis_server,
     start_gunicorn,
     stop_gunicorn,
     wait_until_up,
 )
 from tests.pgtools import embedded_postgres, new_database
+from tests.test_run import recorder_profile
 
 TOKEN = "cluster-test-token"
 PASSWORD = "Cl-pg-81f0"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PROFILE = recorder_profile("cluster-rec", paced={"simulator": "tests.sims:Recorder", "arrival_rate": 4})
-
-
-def _wait(what: str, check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+_DOC = {**recorder_profile(users=2), "name": "cluster-rec", "duration": "60s"}
+_DOC["groups"]["paced"] = {"simulator": "tests.sims:Recorder", "arrival_rate": 4}
+PROFILE = yaml.safe_dump(_DOC)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +99,7 @@ def test_a_run_on_one_panel_process_is_watched_scaled_and_stopped_from_another(
         # a client on B hears A's ticks live (the message queue) ...
         live_b = TickClient(b, run_id, TOKEN)
         clients.append(live_b)
-        _wait("ticks on B", lambda: len(live_b.ticks) >= 3)
+        wait_for(lambda: len(live_b.ticks) >= 3, what="ticks on B")
         assert live_b.joined_msg is not None and live_b.joined_msg["status"] in ("starting", "running")
         assert {t["run_id"] for t in live_b.ticks} == {run_id}
         # ... and one that joins B late gets the same recent ticks as one joining A
@@ -136,19 +128,25 @@ def test_a_run_on_one_panel_process_is_watched_scaled_and_stopped_from_another(
         assert missing.status_code == 400 and missing.json()["field"] == "group"
         scaled = _post(b, f"api/runs/{run_id}/groups/rec", {"users": 5})
         assert scaled.status_code == 202, scaled.text
-        _wait("A holding rec at 5", lambda: _get(a, f"api/runs/{run_id}")["groups"]["rec"]["target"] == 5)
-        _wait("B seeing rec at 5", lambda: _get(b, f"api/runs/{run_id}")["groups"]["rec"]["target"] == 5)
-        _wait("5 users", lambda: _get(b, f"api/runs/{run_id}")["live"]["groups"]["rec"]["users"] == 5)
+        wait_for(
+            lambda: _get(a, f"api/runs/{run_id}")["groups"]["rec"]["target"] == 5, what="A holding rec at 5"
+        )
+        wait_for(
+            lambda: _get(b, f"api/runs/{run_id}")["groups"]["rec"]["target"] == 5, what="B seeing rec at 5"
+        )
+        wait_for(lambda: _get(b, f"api/runs/{run_id}")["live"]["groups"]["rec"]["users"] == 5, what="5 users")
         scaled = _post(b, f"api/runs/{run_id}/groups/paced", {"rate": 7.5})
         assert scaled.status_code == 202, scaled.text
-        _wait("paced at 7.5", lambda: _get(a, f"api/runs/{run_id}")["groups"]["paced"]["target"] == 7.5)
+        wait_for(
+            lambda: _get(a, f"api/runs/{run_id}")["groups"]["paced"]["target"] == 7.5, what="paced at 7.5"
+        )
 
         # stopping from B
         stopped = _post(b, f"api/runs/{run_id}/stop")
         assert stopped.status_code == 202, stopped.text
-        final = _wait("the final status on B", lambda: live_b.final_status(run_id))
+        final = wait_for(lambda: live_b.final_status(run_id), what="the final status on B")
         assert final["status"] == "aborted" and final["exit_code"] == 3
-        row = _wait("the run recorded as ended", lambda: not (r := _row(b, run_id))["active"] and r)
+        row = wait_for(lambda: not (r := _row(b, run_id))["active"] and r, what="the run recorded as ended")
         assert row["active"] is False and row["status"] == "aborted" and row["requests"] > 0
         assert _post(b, f"api/runs/{run_id}/stop").status_code == 409
         assert _post(a, f"api/runs/{run_id}/stop").status_code == 409
@@ -186,8 +184,8 @@ def test_a_dead_owner_stops_looking_active(panels: list[tuple[str, Any]], shared
     started = _post(a, "api/runs", {"yaml": PROFILE})
     assert started.status_code == 201, started.text
     run_id = started.json()["run_id"]
-    _wait("the run active on B", lambda: _row(b, run_id)["active"])
-    _wait("the run's first second stored", lambda: _row(b, run_id)["status"] == "running")
+    wait_for(lambda: _row(b, run_id)["active"], what="the run active on B")
+    wait_for(lambda: _row(b, run_id)["status"] == "running", what="the run's first second stored")
     # the whole of A dies at once (gunicorn's master and its worker): nothing answers for the run
     master = psutil.Process(proc_a.pid)
     gunicorn_worker = master.children()
@@ -196,11 +194,13 @@ def test_a_dead_owner_stops_looking_active(panels: list[tuple[str, Any]], shared
     for process in [master, *gunicorn_worker]:
         process.send_signal(signal.SIGKILL)
     proc_a.wait(timeout=10)
-    _wait("the run no longer active on B", lambda: not _row(b, run_id)["active"], timeout=15)
+    wait_for(lambda: not _row(b, run_id)["active"], timeout=15, what="the run no longer active on B")
     refused = _post(b, f"api/runs/{run_id}/stop")
     assert refused.status_code == 409, refused.text
     # B concludes the controller died (same host: its pid is gone) and records the run as aborted
-    row = _wait("the run recorded as aborted", lambda: (r := _row(b, run_id))["status"] == "aborted" and r)
+    row = wait_for(
+        lambda: (r := _row(b, run_id))["status"] == "aborted" and r, what="the run recorded as aborted"
+    )
     assert row["reason"] == "controller died (found by a later start or panel)" and row["exit_code"] == 3
     # the run's own workers stop by themselves when their controller is gone
     _gone, alive = psutil.wait_procs(run_workers, timeout=20)
@@ -225,7 +225,7 @@ def test_a_lost_message_queue_does_not_stop_a_run(tmp_path: Path) -> None:
             started = _post(url, "api/runs", {"yaml": PROFILE})
             assert started.status_code == 201, started.text
             run_id = started.json()["run_id"]
-            _wait("a stored second", lambda: _row(url, run_id)["status"] == "running")
+            wait_for(lambda: _row(url, run_id)["status"] == "running", what="a stored second")
             redis.Redis.from_url(queue).shutdown(nosave=True)
         except BaseException:
             stop_gunicorn(proc)
@@ -238,7 +238,7 @@ def test_a_lost_message_queue_does_not_stop_a_run(tmp_path: Path) -> None:
         assert _row(url, run_id)["active"] is True
         stopped = _post(url, f"api/runs/{run_id}/stop")
         assert stopped.status_code == 202, stopped.text
-        row = _wait("the run ended", lambda: not (r := _row(url, run_id))["active"] and r)
+        row = wait_for(lambda: not (r := _row(url, run_id))["active"] and r, what="the run ended")
         assert row["status"] == "aborted" and row["requests"] > before
         store.close()
     finally:

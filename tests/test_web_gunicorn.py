@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import requests
 import socketio
+import yaml
 
 from harness.store import Store
 from tests.clitools import free_port
-from tests.paneltools import TickClient, recorder_profile, start_gunicorn, stop_gunicorn, wait_until_up
+from tests.paneltools import TickClient, start_gunicorn, stop_gunicorn, wait_until_up
+from tests.test_run import recorder_profile
 
 TOKEN = "gunicorn-test-token"
-PROFILE = recorder_profile("gunicorn-rec")
+PROFILE = yaml.safe_dump({**recorder_profile(users=2), "name": "gunicorn-rec", "duration": "60s"})
 
 
 @pytest.mark.slow

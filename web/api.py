@@ -27,7 +27,7 @@ from harness.report.html import redact
 from harness.store import Run, Store
 from web.cluster import OwnerUnavailable
 from web.extensions import get_runs, get_store
-from web.runs import RunConflict, RunManager, RunNotFound, RunRecord
+from web.runs import RunConflict, RunNotFound, RunRecord
 from web.security import (
     STATE_CHANGING,
     bearer_token,
@@ -287,11 +287,11 @@ def start_run() -> tuple[Response, int]:
     return jsonify(run_id=run_id), 201
 
 
-def _run_row(run: Run, manager: RunManager, baselines: dict[str, str]) -> dict[str, Any]:
-    """A stored run; `active` and `status` from whichever panel process runs it."""
+def _run_row(run: Run, live_status: str | None, baselines: dict[str, str]) -> dict[str, Any]:
+    """A stored run; `active` and `status` from whichever panel process runs it (`live_status`, None
+    when none does)."""
     summary: dict[str, Any] = json.loads(run.summary_json) if run.summary_json else {}
     totals = summary.get("totals") or {}
-    live_status = manager.status_of(run.id)
     active = live_status is not None
     ended = run.ended_at
     return {
@@ -346,16 +346,17 @@ def list_runs() -> Response:
     limit = _int_arg("limit", 200, 1, 10000)
     store, manager = get_store(), get_runs()
     rows = store.list_runs(limit)
+    statuses, remote = manager.active_statuses()
     # a run no process here answers for: its controller may have died (another panel process, a
     # headless `harness start`); the store knows when that can be concluded
-    stale = any(r.status == "running" and manager.status_of(r.id) is None for r in rows)
+    stale = any(r.status == "running" and r.id not in statuses for r in rows)
     if stale and manager.recover_stale(store):
         rows = store.list_runs(limit)
     baselines = store.baselines()
-    out = [_run_row(r, manager, baselines) for r in rows]
+    out = [_run_row(r, statuses.get(r.id), baselines) for r in rows]
     known = {r.id for r in rows}
     extra = [_memory_row(rec) for rec in manager.records() if rec.run_id not in known]
-    extra += [_remote_row(k, v) for k, v in manager.remote_runs().items() if k not in known]
+    extra += [_remote_row(k, v) for k, v in remote.items() if k not in known]
     if extra and len(rows) == limit:
         oldest = rows[-1].started_at
         extra = [e for e in extra if e["started_at"] >= oldest]
@@ -445,7 +446,7 @@ def get_run(run_id: str) -> Response:
             profile=redact(raw),
         )
     store = get_store()
-    row = _run_row(run, manager, store.baselines())
+    row = _run_row(run, manager.status_of(run.id), store.baselines())
     summary = None if row["active"] else _summary(store, run)
     return jsonify(
         run=row,

@@ -141,6 +141,14 @@ class RunManager:
             return {}
         return {k: v for k, v in self.cluster.active_runs().items() if k not in self._records}
 
+    def active_statuses(self) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """The status of every active run of every panel process (run id → status), and the other
+        processes' published states — one look at Redis for a whole run list."""
+        remote = self.remote_runs()
+        statuses = {run_id: str(state.get("status")) for run_id, state in remote.items()}
+        statuses.update({r.run_id: r.controller.status for r in self._records.values() if r.active})
+        return statuses, remote
+
     def status_of(self, run_id: str) -> str | None:
         """The status of an active run of any panel process (None: not active anywhere)."""
         record = self._records.get(run_id)
